@@ -1,0 +1,244 @@
+"""The ``Colorizer``: all components together, their folder format, and ``colorize``.
+
+A model folder holds ``config.json`` (the :class:`ColorizerConfig`) and one subfolder per component, each
+in the format its library publishes: ``unet/`` and ``vae/`` are diffusers model folders, ``tagger/`` is
+a timm-style ``model.safetensors`` plus ``selected_tags.csv`` (the WD-Tagger's own layout), ``clip/``
+holds the OpenCLIP ``visual.*`` tensors, and ``sketch_encoder/`` and ``projector/`` hold ours. A folder
+is therefore also the way pretrained parts are swapped in or taken out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch import nn
+
+from model import pretrained
+from model.config import ColorizerConfig
+from model.guidance import Guidance, guided_prediction
+from model.images import empty_sketch, image_to_tensor, sketch_to_tensor, tensor_to_image
+from model.projector import ReferenceProjector
+from model.reference_encoders import ClipImageEncoder, WDTagger, freeze, pad_to_square
+from model.sampler import dpmpp_sample, sampling_scheduler, training_scheduler
+from model.sizes import fit_size, validate_size
+from model.sketch_encoder import SketchEncoder
+from model.unet import ColorizerUNet, build_unet, injection_points
+from model.vae import build_vae, decode_latents
+from model.vector_condition import vector_condition
+
+FORMAT_NAME = "colorize-xl"
+FORMAT_VERSION = 1
+TRAINABLE = ("unet", "sketch_encoder", "projector")
+FROZEN = ("tagger", "clip", "vae")
+
+
+@dataclass(frozen=True)
+class PretrainedPaths:
+    """Local files of published weights to start from (any may be ``None`` = random init)."""
+
+    unet: str | Path | None = None  # diffusers folder or single-file SDXL checkpoint
+    vae: str | Path | None = None  # diffusers folder or single-file checkpoint
+    tagger_weights: str | Path | None = None  # WD-Tagger model.safetensors (timm keys)
+    tagger_tags: str | Path | None = None  # its selected_tags.csv
+    clip: str | Path | None = None  # OpenCLIP checkpoint (.bin / .safetensors)
+
+
+class Colorizer(nn.Module):
+    """Sketch + reference → colored image. Build with :meth:`from_config` or :meth:`from_pretrained`."""
+
+    def __init__(self, config: ColorizerConfig, *, unet=None, vae=None, tagger: WDTagger | None = None,
+                 clip: ClipImageEncoder | None = None):
+        super().__init__()
+        self.config = config
+        self.unet = ColorizerUNet(unet if unet is not None else build_unet(config.unet))
+        self.sketch_encoder = SketchEncoder(config.sketch_encoder, injection_points(config.unet))
+        self.projector = ReferenceProjector(
+            clip_dim=config.clip.embed_dim,
+            tagger_dim=config.tagger.token_dim,
+            context_dim=config.unet.cross_attention_dim,
+            num_tokens=config.context_tokens,
+            head_dim=config.projector.attention_head_dim,
+        )
+        self.tagger = freeze(tagger if tagger is not None else WDTagger(config.tagger))
+        self.clip = freeze(clip if clip is not None else ClipImageEncoder(config.clip))
+        self.vae = freeze(vae if vae is not None else build_vae(config.vae))
+        self.noise_scheduler = training_scheduler(config.diffusion)
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_config(cls, config: ColorizerConfig, pretrained_paths: PretrainedPaths | None = None) -> "Colorizer":
+        """Fresh model; published parts are loaded where ``pretrained_paths`` names them."""
+        paths = pretrained_paths or PretrainedPaths()
+        unet = pretrained.load_unet(paths.unet, config.unet) if paths.unet else None
+        vae = pretrained.load_vae(paths.vae, config.vae) if paths.vae else None
+        tagger = None
+        if paths.tagger_weights or paths.tagger_tags:
+            if not (paths.tagger_weights and paths.tagger_tags):
+                raise ValueError("the WD-Tagger needs both its weights file and its selected_tags.csv")
+            tagger = pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger)
+            config = config.replace(tagger={"num_tags": len(tagger.tags)})
+        clip = pretrained.load_clip_vision(paths.clip, config.clip) if paths.clip else None
+        return cls(config, unet=unet, vae=vae, tagger=tagger, clip=clip)
+
+    def train(self, mode: bool = True) -> "Colorizer":
+        super().train(mode)
+        for name in FROZEN:  # frozen encoders stay in inference mode whatever the trainer does
+            getattr(self, name).eval()
+        return self
+
+    def trainable_parameters(self):
+        return [p for name in TRAINABLE for p in getattr(self, name).parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    # ------------------------------------------------------------------------------------- folder format
+    def save_pretrained(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.unet.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        sections = {"sketch_encoder": "sketch_encoder", "projector": "projector", "tagger": "tagger", "clip": "clip"}
+        tensors = {
+            "sketch_encoder": self.sketch_encoder.state_dict(),
+            "projector": self.projector.state_dict(),
+            "tagger": self.tagger.model.state_dict(),
+            "clip": {f"visual.{k}": v for k, v in self.clip.visual.state_dict().items()},
+        }
+        config = self.config.to_dict()
+        for component, state in tensors.items():
+            sub = folder / component
+            sub.mkdir(exist_ok=True)
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(sub / "model.safetensors"))
+            (sub / "config.json").write_text(json.dumps(config[sections[component]], indent=2))
+        with open(folder / "tagger" / "selected_tags.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["tag_id", "name", "category", "count"])
+            writer.writerows([i, tag, 0, 0] for i, tag in enumerate(self.tagger.tags))
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config}
+        (folder / "config.json").write_text(json.dumps(manifest, indent=2))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device=None, dtype=None) -> "Colorizer":
+        folder = Path(folder)
+        manifest_path = folder / "config.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{folder} is not a colorize-xl model folder: {manifest_path} is missing")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != FORMAT_NAME:
+            raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+        if manifest.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{manifest_path} is format version {manifest['version']}; this code reads up to {FORMAT_VERSION}")
+        config = ColorizerConfig.from_dict(manifest["config"])
+        model = cls.from_config(config, PretrainedPaths(
+            unet=folder / "unet",
+            vae=folder / "vae",
+            tagger_weights=folder / "tagger" / "model.safetensors",
+            tagger_tags=folder / "tagger" / "selected_tags.csv",
+            clip=folder / "clip" / "model.safetensors",
+        ))
+        for component in ("sketch_encoder", "projector"):
+            path = folder / component / "model.safetensors"
+            pretrained.check_and_load(getattr(model, component), pretrained.read_state_dict(path), path)
+        return model.to(device=device, dtype=dtype).eval()
+
+    # ---------------------------------------------------------------------------------------- inference
+    def output_size(self, sketch_size: tuple[int, int], size: tuple[int, int] | None) -> tuple[int, int]:
+        s = self.config.sampling
+        limits = dict(multiple=self.config.size_multiple, min_side=s.min_side, max_side=s.max_side)
+        if size is None:
+            return fit_size(*sketch_size, area=s.default_area, **limits)
+        return validate_size(*size, **limits)
+
+    @torch.no_grad()
+    def encode_reference(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] → context (B, N, D) for cross-attention."""
+        images = images.to(self.device, self.dtype)
+        return self.projector(self.clip(images), self.tagger(images).tokens)
+
+    @torch.no_grad()
+    def colorize(self, sketch, reference, *, steps: int | None = None, seed: int = 0,
+                 size: tuple[int, int] | None = None, guidance: Guidance | None = None,
+                 reference_strength: float = 1.0, sketch_strengths: list[float] | None = None,
+                 aesthetic_score: float | None = None) -> Image.Image:
+        """Color ``sketch`` (a drawing: dark lines on light, PIL or uint8 array) after ``reference``.
+
+        ``size`` is (width, height); ``None`` fits the sketch's aspect at the preset's default area.
+        ``sketch_strengths`` scales each sketch-injection point (``None`` = 1 everywhere).
+        """
+        return self.colorize_batch([sketch], [reference], seeds=[seed], steps=steps, size=size, guidance=guidance,
+                                   reference_strength=reference_strength, sketch_strengths=sketch_strengths,
+                                   aesthetic_score=aesthetic_score)[0]
+
+    @torch.no_grad()
+    def colorize_batch(self, sketches: list, references: list, *, seeds: list[int], steps: int | None = None,
+                       size: tuple[int, int] | None = None, guidance: Guidance | None = None,
+                       reference_strength: float = 1.0, sketch_strengths: list[float] | None = None,
+                       aesthetic_score: float | None = None) -> list[Image.Image]:
+        """Several pairs at one output size; each item's noise comes from its own seed, so an item's result
+        does not depend on what it was batched with."""
+        if not (len(sketches) == len(references) == len(seeds)) or not sketches:
+            raise ValueError(f"got {len(sketches)} sketches, {len(references)} references, {len(seeds)} seeds")
+        s = self.config.sampling
+        steps = s.steps if steps is None else int(steps)
+        if not 1 <= steps <= 200:
+            raise ValueError(f"steps {steps} is outside [1, 200]")
+        guidance = guidance or Guidance(s.reference_guidance, s.sketch_guidance)
+        points = len(self.sketch_encoder.points)
+        if sketch_strengths is not None and len(sketch_strengths) != points:
+            raise ValueError(f"sketch_strengths needs {points} values (one per injection point), got {len(sketch_strengths)}")
+        first = image_to_tensor(sketches[0])
+        width, height = self.output_size((first.shape[-1], first.shape[-2]), size)
+        device, dtype = self.device, self.dtype
+        batch = len(sketches)
+
+        sketch = torch.cat([sketch_to_tensor(x, (width, height)) for x in sketches]).to(device, dtype)
+        encoder_side = max(self.config.tagger.image_size, self.config.clip.image_size)
+        reference = torch.cat([_square_reference(image_to_tensor(x), encoder_side) for x in references])
+        context = self.encode_reference(reference) * reference_strength
+        residuals = self.sketch_encoder(sketch, sketch_strengths)
+        vector = vector_condition(height, width, aesthetic_score or s.aesthetic_score, batch=batch, device=device)
+
+        conditions = guidance.conditions
+        contexts = {"full": context, "no_reference": torch.zeros_like(context), "no_sketch": context}
+        if "no_sketch" in conditions:
+            empty = self.sketch_encoder(empty_sketch(batch, height, width, device, dtype), sketch_strengths)
+        per_condition = {"full": residuals, "no_reference": residuals, "no_sketch": empty if "no_sketch" in conditions else None}
+        k = len(conditions)
+        stacked_context = torch.cat([contexts[c] for c in conditions])
+        stacked_residuals = [torch.cat([per_condition[c][i] for c in conditions]) for i in range(points)]
+        stacked_vector = vector.repeat(k, 1)
+
+        def denoise(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            t = timestep.expand(batch * k)
+            out = self.unet(latents.repeat(k, 1, 1, 1).to(dtype), t, stacked_context, stacked_vector, stacked_residuals)
+            predictions = dict(zip(conditions, out.prediction.float().chunk(k)))
+            return guided_prediction(predictions, guidance)
+
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+        latent_shape = (self.config.unet.latent_channels, height // self.config.latent_stride,
+                        width // self.config.latent_stride)
+        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
+        scheduler = sampling_scheduler(self.config.diffusion)
+        latents = dpmpp_sample(denoise, noise, scheduler, steps, generator=generators)
+        return tensor_to_image(decode_latents(self.vae, latents))
+
+
+def _square_reference(image: torch.Tensor, side: int) -> torch.Tensor:
+    """Pad to a white square and resize to ``side``: what both encoders do anyway, done once up front so
+    references of different sizes batch together."""
+    square = pad_to_square(image)
+    mode = "area" if square.shape[-1] >= side else "bicubic"
+    return torch.nn.functional.interpolate(square, size=(side, side), mode=mode).clamp(0, 1)
