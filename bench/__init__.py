@@ -1,0 +1,1 @@
+"""Benchmarks that print JSON lines; runnable without Ray."""

@@ -1,0 +1,1 @@
+"""The colorizer: presets, components, training objective, sampler and the ``Colorizer`` API."""

@@ -31,11 +31,12 @@ def pad_to_square(images: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
 
 
 def square_resize(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    images = pad_to_square(images)
+    dtype = images.dtype
+    images = pad_to_square(images.float())  # resampled in float32: bf16 lacks antialiased bicubic on CPU
     images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     mean = images.new_tensor(mean).view(1, -1, 1, 1)
     std = images.new_tensor(std).view(1, -1, 1, 1)
-    return (images.clamp(0, 1) - mean) / std
+    return ((images.clamp(0, 1) - mean) / std).to(dtype)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Data-side functions: corpus reading, sketch extraction, encoding, bucketing (Ray Data jobs call these)."""

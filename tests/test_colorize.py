@@ -123,3 +123,13 @@ def test_loading_a_folder_with_a_damaged_component_names_the_file(tiny_colorizer
 
     with pytest.raises(FileNotFoundError, match="not a colorize-xl model folder"):
         Colorizer.from_pretrained(tmp_path / "nowhere")
+
+
+def test_colorize_runs_in_bfloat16(tiny_colorizer, drawing_pair, tmp_path):
+    folder = tiny_colorizer.save_pretrained(tmp_path / "model")
+    half = Colorizer.from_pretrained(folder, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    image = half.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0, size=(64, 64))
+    reference = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0, size=(64, 64))
+    assert image.size == (64, 64)
+    assert np.abs(pixels(image) - pixels(reference)).mean() < 12  # same picture up to bf16 rounding

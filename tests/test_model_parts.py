@@ -188,3 +188,28 @@ def test_frozen_encoders_have_no_trainable_parameters(tiny_colorizer):
     model.train()
     assert not model.tagger.training and not model.clip.training and not model.vae.training
     model.eval()
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_config):
+    from model.colorizer import Colorizer
+
+    torch.manual_seed(0)
+    model = Colorizer.from_config(tiny_config).train()
+    batch = make_batch(model, batch=2, width=64, height=64)
+
+    def losses_and_grads():
+        model.zero_grad(set_to_none=True)
+        out = training_step(model, batch, model.noise_scheduler, model.config.diffusion, gram_weight=1.0,
+                            generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.unet.named_parameters() if p.grad is not None}
+        return out, grads
+
+    plain, plain_grads = losses_and_grads()
+    model.unet.unet.enable_gradient_checkpointing()
+    checkpointed, checkpointed_grads = losses_and_grads()
+    torch.testing.assert_close(checkpointed.gram_loss, plain.gram_loss)
+    torch.testing.assert_close(checkpointed.diffusion_loss, plain.diffusion_loss)
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(checkpointed_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
