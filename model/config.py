@@ -136,6 +136,16 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Training crops: aspect buckets of about ``bucket_area`` pixels, sides within the limits, on the
+    model's size grid (``ColorizerConfig.size_multiple``)."""
+
+    bucket_area: int = 1024 * 1024
+    bucket_min_side: int = 736
+    bucket_max_side: int = 1312
+
+
+@dataclass(frozen=True)
 class ColorizerConfig:
     """The whole colorizer. Sizes of derived parts (context length, injection points) follow from these."""
 
@@ -147,6 +157,7 @@ class ColorizerConfig:
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def latent_stride(self) -> int:
@@ -208,6 +219,7 @@ def tiny() -> ColorizerConfig:
         clip=ClipVisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0, embed_dim=48),
         projector=ProjectorConfig(attention_head_dim=16),
         sampling=SamplingConfig(steps=8, default_area=128 * 128, min_side=64, max_side=256),
+        data=DataConfig(bucket_area=128 * 128, bucket_min_side=96, bucket_max_side=160),
     )
 
 

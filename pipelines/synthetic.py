@@ -18,10 +18,7 @@ class Illustration:
 
 def synthetic_illustration(seed: int, width: int = 256, height: int = 256, shapes: int = 6) -> Illustration:
     rng = np.random.default_rng(seed)
-    top, bottom = rng.integers(80, 256, size=(2, 3))
-    ramp = np.linspace(0.0, 1.0, height)[:, None, None]
-    color = (top * (1 - ramp) + bottom * ramp).astype(np.uint8).repeat(width, axis=1)
-    color = np.ascontiguousarray(color)
+    color = _background(rng, width, height)
     lines = np.full((height, width), 255, np.uint8)
     thickness = max(1, min(width, height) // 96)
     for _ in range(shapes):
@@ -40,7 +37,34 @@ def synthetic_illustration(seed: int, width: int = 256, height: int = 256, shape
             angles = np.sort(rng.uniform(0, 2 * np.pi, count))
             points = np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1).astype(np.int32)
             cv2.fillPoly(color, [points], fill, cv2.LINE_AA)
+            if rng.random() < 0.4:  # hatching texture inside some shapes
+                _hatch(color, points, rng)
             cv2.polylines(color, [points], True, (20, 20, 20), thickness + 1, cv2.LINE_AA)
             cv2.fillPoly(lines, [points], 255)
             cv2.polylines(lines, [points], True, 0, thickness, cv2.LINE_AA)
     return Illustration(color=color, sketch=lines)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """White paper, a vertical gradient, or soft stripes: the backdrops illustrations sit on."""
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        return np.full((height, width, 3), 255, np.uint8)
+    top, bottom = rng.integers(80, 256, size=(2, 3))
+    ramp = np.linspace(0.0, 1.0, height)[:, None, None]
+    color = (top * (1 - ramp) + bottom * ramp).astype(np.uint8).repeat(width, axis=1)
+    if kind == 2:
+        stripes = (np.sin(np.arange(width) / max(2.0, width / 24)) > 0)[None, :, None]
+        color = np.where(stripes, color, (color * 0.85).astype(np.uint8))
+    return np.ascontiguousarray(color)
+
+
+def _hatch(color: np.ndarray, polygon: np.ndarray, rng: np.random.Generator) -> None:
+    mask = np.zeros(color.shape[:2], np.uint8)
+    cv2.fillPoly(mask, [polygon], 255)
+    spacing = max(3, color.shape[1] // 40)
+    shade = tuple(int(v) for v in rng.integers(0, 200, size=3))
+    lines = np.zeros_like(mask)
+    for offset in range(-color.shape[0], color.shape[1], spacing):
+        cv2.line(lines, (offset, 0), (offset + color.shape[0], color.shape[0]), 255, 1)
+    color[(mask > 0) & (lines > 0)] = shade

@@ -1,0 +1,51 @@
+"""Assemble a colorize-xl model folder from a preset and (optionally) published weights.
+
+    python jobs/init_model.py --preset sdxl --out models/base \\
+        --unet animagine-xl-4.0.safetensors --vae sdxl-vae/ \\
+        --tagger-weights wd-swinv2-tagger/model.safetensors --tagger-tags wd-swinv2-tagger/selected_tags.csv \\
+        --clip open_clip_pytorch_model.bin
+    python jobs/init_model.py --preset tiny --out outputs/base --seed 0    # random init (tests, demo)
+
+The folder is the starting point of training and holds the frozen encoders that preprocessing uses, so
+both read the same weights. An existing folder is left as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from model.colorizer import Colorizer, PretrainedPaths  # noqa: E402
+from model.config import PRESETS, get_preset  # noqa: E402
+
+
+def init_model(out: Path, preset: str, seed: int = 0, paths: PretrainedPaths | None = None) -> Path:
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    return Colorizer.from_config(get_preset(preset), paths).save_pretrained(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--seed", type=int, default=0, help="initialization seed of the parts not loaded")
+    for name in ("unet", "vae", "tagger-weights", "tagger-tags", "clip"):
+        parser.add_argument(f"--{name}", default=None)
+    args = parser.parse_args(argv)
+    paths = PretrainedPaths(unet=args.unet, vae=args.vae, tagger_weights=args.tagger_weights,
+                            tagger_tags=args.tagger_tags, clip=args.clip)
+    folder = init_model(Path(args.out), args.preset, args.seed, paths)
+    print(json.dumps({"model": str(folder), "preset": args.preset}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,89 @@
+"""Preprocess an illustration corpus into the training dataset (Ray Data).
+
+    ray job submit --working-dir . -- python jobs/preprocess.py \\
+        --input s3://bucket/illustrations --output s3://bucket/datasets/v1 --preset sdxl --encoders models/base
+    python jobs/preprocess.py --input outputs/corpus --output outputs/dataset --encoders outputs/base   # local Ray
+
+Inputs: a folder tree of images, or Parquet files with image bytes (``--image-column``) and an id/path
+column. Output layout and schema: pipelines/dataset.py and docs in README. Reruns skip finished shards;
+a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from model.config import PRESETS  # noqa: E402
+from pipelines.preprocess import LATENT_VIEWS, PreprocessConfig  # noqa: E402
+from pipelines.ray_preprocess import ClusterOptions, run_preprocess  # noqa: E402
+from pipelines.sketches import DEFAULT_EXTRACTORS  # noqa: E402
+
+
+def parse_pairs(values: list[str]) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"expected NAME=PATH, got {value!r}")
+        pairs[name] = path
+    return pairs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder, Parquet file or folder of Parquet files (any fsspec URI)")
+    p.add_argument("--output", required=True, help="dataset folder (any fsspec URI)")
+    p.add_argument("--encoders", required=True, help="colorize-xl model folder with the frozen encoders")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--input-kind", choices=("auto", "folder", "parquet"), default="auto")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--id-column", default=None)
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--sketch-extractors", default=",".join(DEFAULT_EXTRACTORS),
+                   help="comma-separated; classic: xdog, blur_difference, canny, highpass; neural: anime2sketch, "
+                        "manga_line, sketchkeras, informative_drawings (need --extractor-weights)")
+    p.add_argument("--extractor-weights", action="append", default=[], metavar="NAME=PATH")
+    p.add_argument("--segmenter", default=None, help="learned mask model (e.g. isnet); default: weight-free masks")
+    p.add_argument("--segmenter-weights", default=None)
+    p.add_argument("--latent-views", default="target", help=f"comma-separated from {LATENT_VIEWS}")
+    p.add_argument("--storage-dtype", choices=("float16", "bfloat16"), default="float16")
+    p.add_argument("--encode-batch-size", type=int, default=16)
+    p.add_argument("--max-pixels", type=int, default=PreprocessConfig.max_pixels)
+    p.add_argument("--encoder-actors", type=int, default=1, help="GPU actor pool size (typically the GPU count)")
+    p.add_argument("--gpus-per-encoder", type=float, default=None)
+    p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (partial run)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"))
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = PreprocessConfig(
+        preset=args.preset, shard_size=args.shard_size,
+        sketch_extractors=tuple(s for s in args.sketch_extractors.split(",") if s),
+        extractor_weights=parse_pairs(args.extractor_weights), segmenter=args.segmenter,
+        segmenter_weights=args.segmenter_weights, encoders=str(Path(args.encoders).resolve()) if "://" not in args.encoders else args.encoders,
+        latent_views=tuple(v for v in args.latent_views.split(",") if v), storage_dtype=args.storage_dtype,
+        encode_batch_size=args.encode_batch_size, max_pixels=args.max_pixels, image_column=args.image_column,
+    )
+    options = ClusterOptions(encoder_actors=args.encoder_actors, gpus_per_encoder=args.gpus_per_encoder)
+    ray.init(address=args.ray_address, log_to_driver=True)
+    try:
+        manifest = run_preprocess(args.input, args.output, cfg, options, kind=args.input_kind,
+                                  id_column=args.id_column, max_shards=args.max_shards)
+    finally:
+        ray.shutdown()
+    print(json.dumps({k: manifest[k] for k in ("inputs", "rows", "errors", "shards", "shards_done", "complete")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The preprocessed dataset on disk: layout, plan, shard markers, manifest.
+
+    <output>/
+      plan.parquet                 shard, ordinal, source, path, row — fixed at the first run
+      data/shard-00000.parquet     one row per usable input (schema: pipelines.preprocess.DATA_COLUMNS)
+      errors/shard-00000.parquet   one row per rejected input: source, id, stage, reason
+      markers/shard-00000.json     written last: the shard is done (inputs, rows, errors, bytes per column)
+      manifest.json                config, encoders, counts, bucket histogram, bytes per image per column
+
+A shard counts as done when its marker exists; everything else is redone on the next run, so a job
+killed at any moment resumes without duplicates, and a rerun of a finished dataset writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.preprocess import SCHEMA_VERSION, PreprocessConfig, shard_name
+from pipelines.sources import InputItem, Listing, list_inputs, plan_shards, plan_table, shards_from_plan
+
+
+@dataclass
+class DatasetPlan:
+    shards: list[list[InputItem]]
+    listing_kind: str
+    ignored: int
+    new_inputs: int  # inputs that appeared after the plan was made (not part of this dataset)
+
+
+def _fs(output: str):
+    return fsspec.core.url_to_fs(output)
+
+
+def load_or_create_plan(input_uri: str, output: str, cfg: PreprocessConfig, kind: str = "auto",
+                        id_column: str | None = None) -> DatasetPlan:
+    fs, root = _fs(output)
+    listing: Listing = list_inputs(input_uri, image_column=cfg.image_column, id_column=id_column, kind=kind)
+    plan_path = f"{root}/plan.parquet"
+    if fs.exists(plan_path):
+        with fs.open(plan_path, "rb") as f:
+            shards = shards_from_plan(pq.read_table(f))
+        planned = {(it.path, it.row) for shard in shards for it in shard}
+        new = sum(1 for it in listing.items if (it.path, it.row) not in planned)
+        return DatasetPlan(shards, listing.kind, listing.ignored, new)
+    shards = plan_shards(listing.items, cfg.shard_size)
+    fs.makedirs(root, exist_ok=True)
+    sink = io.BytesIO()
+    pq.write_table(plan_table(shards), sink)
+    with fs.open(plan_path, "wb") as f:
+        f.write(sink.getvalue())
+    return DatasetPlan(shards, listing.kind, listing.ignored, 0)
+
+
+def check_config(output: str, cfg: PreprocessConfig) -> None:
+    """A rerun must use the settings the existing shards were made with; mixing would corrupt the set."""
+    fs, root = _fs(output)
+    path = f"{root}/config.json"
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            existing = json.loads(f.read())
+        if existing != cfg.to_json():
+            changed = sorted(k for k in set(existing) | set(cfg.to_json()) if existing.get(k) != cfg.to_json().get(k))
+            raise ValueError(f"{output} was made with other settings ({', '.join(changed)} differ); "
+                             f"use a new --output or the original settings")
+    else:
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(json.dumps(cfg.to_json(), indent=2).encode())
+
+
+def read_marker(output: str, shard: int) -> dict | None:
+    fs, root = _fs(output)
+    path = f"{root}/markers/{shard_name(shard)}.json"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def completed_shards(output: str) -> dict[int, dict]:
+    fs, root = _fs(output)
+    if not fs.exists(f"{root}/markers"):
+        return {}
+    done = {}
+    for path in fs.glob(f"{root}/markers/shard-*.json"):
+        with fs.open(path, "rb") as f:
+            marker = json.loads(f.read())
+        done[int(marker["shard"])] = marker
+    return done
+
+
+def write_manifest(output: str, cfg: PreprocessConfig, plan: DatasetPlan, markers: dict[int, dict]) -> dict:
+    """Summarize all shards; rewritten only when its content changes (so a no-op rerun writes nothing)."""
+    fs, root = _fs(output)
+    rows = sum(m["rows"] for m in markers.values())
+    column_bytes = Counter()
+    for marker in markers.values():
+        column_bytes.update(marker["bytes"])
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "config": cfg.to_json(),
+        "inputs": sum(len(s) for s in plan.shards),
+        "shards": len(plan.shards),
+        "shards_done": len(markers),
+        "complete": len(markers) == len(plan.shards),
+        "rows": rows,
+        "errors": sum(m["errors"] for m in markers.values()),
+        "bytes_per_image": {c: round(b / rows) for c, b in sorted(column_bytes.items())} if rows else {},
+        "buckets": dict(sorted(sum((Counter(m["buckets"]) for m in markers.values()), Counter()).items())),
+    }
+    path = f"{root}/manifest.json"
+    encoded = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    if fs.exists(path):
+        with fs.open(path, "rb") as f:
+            if f.read() == encoded:
+                return manifest
+    with fs.open(path, "wb") as f:
+        f.write(encoded)
+    return manifest
+
+
+def read_shard(output: str, shard: int, columns: list[str] | None = None, errors: bool = False) -> pa.Table:
+    fs, root = _fs(output)
+    with fs.open(f"{root}/{'errors' if errors else 'data'}/{shard_name(shard)}.parquet", "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_all(output: str, columns: list[str] | None = None, errors: bool = False) -> pa.Table:
+    """Every finished shard concatenated in shard order (small datasets, tests, evaluation sets)."""
+    tables = [read_shard(output, s, columns, errors) for s in sorted(completed_shards(output))]
+    return pa.concat_tables(tables) if tables else pa.table({})

@@ -1,0 +1,346 @@
+"""Preprocessing as plain functions: one shard of a corpus → rows of training triplets, plus error rows.
+
+Three stages, each a plain function or class so that Ray Data, tests and benches call the same code:
+
+1. :func:`prepare_shard` (CPU, a Ray Data task per shard): read bytes, hash, decode safely, pick the
+   aspect bucket, crop the target, letterbox the reference, extract the weight-free sketches and masks.
+2. :class:`ShardEncoder` (a Ray Data actor, on a GPU when there is one): neural sketches and learned
+   masks if configured, WD-Tagger and OpenCLIP tokens of the reference, VAE latents of the chosen views.
+3. :func:`write_shard` (CPU task): the shard's Parquet file, its errors file, then its marker.
+
+A shard flows through the stages as one Arrow table (one row per input), so every stage sees whole
+shards and each output file is exactly one shard with a deterministic name. Every input leaves as either
+a data row or an error row; :func:`write_shard` refuses to mark a shard whose counts do not add up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet as pq
+import torch
+
+from model.config import get_preset
+from pipelines.buckets import buckets_for, crop_to_bucket, letterbox, nearest_bucket
+from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
+from pipelines.masks import reference_foreground, sketch_foreground
+from pipelines.sketches import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
+from pipelines.sources import InputItem, read_shard_bytes
+from pipelines.tensors import tensor_to_bytes
+
+SCHEMA_VERSION = 1
+LATENT_VIEWS = ("target", "reference")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that decides the dataset's content (stored in its manifest)."""
+
+    preset: str = "tiny"
+    shard_size: int = 64
+    sketch_extractors: tuple[str, ...] = DEFAULT_EXTRACTORS
+    extractor_weights: dict[str, str] = field(default_factory=dict)  # neural extractor name → weights path
+    segmenter: str | None = None  # learned mask model name; None = weight-free masks
+    segmenter_weights: str | None = None
+    encoders: str | None = None  # colorize-xl model folder whose tagger, clip and vae encode the dataset
+    latent_views: tuple[str, ...] = ("target",)
+    storage_dtype: str = "float16"
+    encode_batch_size: int = 16
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_quality: int = 95
+    tag_threshold: float = 0.35
+    image_column: str = "image"
+
+    def __post_init__(self):
+        from pipelines.neural_sketch import NEURAL_EXTRACTORS
+
+        if len(self.sketch_extractors) < 1:
+            raise ValueError("at least one sketch extractor is needed")
+        known = set(CLASSIC_EXTRACTORS) | set(NEURAL_EXTRACTORS)
+        for name in self.sketch_extractors:
+            if name not in known:
+                raise ValueError(f"unknown sketch extractor {name!r}; known: {sorted(known)}")
+            if name in NEURAL_EXTRACTORS and name not in self.extractor_weights:
+                raise ValueError(f"neural extractor {name!r} needs its weights: --extractor-weights {name}=PATH")
+        if self.segmenter and not self.segmenter_weights:
+            raise ValueError(f"segmenter {self.segmenter!r} needs --segmenter-weights")
+        unknown_views = set(self.latent_views) - set(LATENT_VIEWS)
+        if unknown_views or "target" not in self.latent_views:
+            raise ValueError(f"latent views must include 'target' and come from {LATENT_VIEWS}, got {self.latent_views}")
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# ------------------------------------------------------------------------------------------ encodings
+def png_bytes(array: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return data.tobytes()
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    return array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def table_to_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue()
+
+
+def bytes_to_table(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()
+
+
+# ------------------------------------------------------------------------------------ stage 1: prepare
+def _error_row(ordinal: int, item: InputItem, stage: str, reason: str, image_id: str | None = None) -> dict:
+    return {"ordinal": ordinal, "source": item.source, "id": image_id, "error": reason, "error_stage": stage}
+
+
+def prepare_shard(shard: int, items: list[InputItem], cfg: PreprocessConfig) -> pa.Table:
+    """CPU stage for one shard: one row per input, ``error`` set where the input failed."""
+    buckets = buckets_for(get_preset(cfg.preset))
+    rows = []
+    for ordinal, (item, data) in enumerate(zip(items, read_shard_bytes(items, cfg.image_column))):
+        if isinstance(data, Exception):
+            rows.append(_error_row(ordinal, item, "read", f"unreadable: {type(data).__name__}: {data}"))
+            continue
+        image_id = content_id(data) if data else None
+        try:
+            rgb = decode_image(data, max_pixels=cfg.max_pixels)
+        except DecodeError as err:
+            rows.append(_error_row(ordinal, item, "decode", str(err), image_id))
+            continue
+        try:
+            rows.append(_prepare_one(ordinal, item, image_id, rgb, buckets, cfg))
+        except Exception as err:  # noqa: BLE001 - one odd image must not stop its shard
+            rows.append(_error_row(ordinal, item, "prepare", f"{type(err).__name__}: {err}", image_id))
+    table = pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
+    return table.append_column("shard", pa.array([shard] * len(rows), pa.int32()))
+
+
+def _prepare_one(ordinal, item, image_id, rgb, buckets, cfg: PreprocessConfig) -> dict:
+    height, width = rgb.shape[:2]
+    bucket = nearest_bucket(width, height, buckets)
+    target = crop_to_bucket(rgb, bucket)
+    reference = letterbox(rgb, bucket)
+    sketches: list[bytes | None] = []
+    drawings = {}
+    for name in cfg.sketch_extractors:
+        if name in CLASSIC_EXTRACTORS:
+            drawings[name] = CLASSIC_EXTRACTORS[name](target)
+            sketches.append(png_bytes(invert(drawings[name])))
+        else:
+            sketches.append(None)  # neural extractors run in the encoder stage
+    first_drawing = drawings[cfg.sketch_extractors[0]] if cfg.sketch_extractors[0] in drawings else None
+    sketch_mask = sketch_foreground(first_drawing) if first_drawing is not None else reference_foreground(target)
+    return {
+        "ordinal": ordinal, "source": item.source, "id": image_id, "error": None, "error_stage": None,
+        "width": bucket[0], "height": bucket[1], "source_width": width, "source_height": height,
+        "image": jpeg_bytes(target, cfg.jpeg_quality),
+        "sketches": sketches, "sketch_extractors": list(cfg.sketch_extractors),
+        "sketch_mask": png_bytes(sketch_mask), "reference_mask": png_bytes(reference_foreground(reference)),
+        "target_pixels": target.tobytes(), "reference_pixels": reference.tobytes(),
+    }
+
+
+PREPARED_SCHEMA = pa.schema([
+    ("ordinal", pa.int32()), ("source", pa.string()), ("id", pa.string()),
+    ("error", pa.string()), ("error_stage", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("source_width", pa.int32()), ("source_height", pa.int32()),
+    ("image", pa.binary()), ("sketches", pa.list_(pa.binary())), ("sketch_extractors", pa.list_(pa.string())),
+    ("sketch_mask", pa.binary()), ("reference_mask", pa.binary()),
+    ("target_pixels", pa.large_binary()), ("reference_pixels", pa.large_binary()),
+])
+
+
+# ------------------------------------------------------------------------------------- stage 2: encode
+class ShardEncoder:
+    """Loads the frozen encoders once (per actor) and encodes whole shards.
+
+    Images are grouped by bucket and encoded in mini-batches of ``encode_batch_size``, so a shard of
+    mixed aspect ratios still runs in full batches on the GPU.
+    """
+
+    def __init__(self, cfg: PreprocessConfig, device: str | None = None):
+        from model.colorizer import Colorizer
+        from pipelines.neural_sketch import NEURAL_EXTRACTORS, load_line_extractor
+
+        self.cfg = cfg
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        if cfg.encoders:
+            model = Colorizer.from_pretrained(cfg.encoders)
+        else:
+            raise ValueError("the encoder stage needs --encoders: a colorize-xl model folder holding the frozen "
+                             "WD-Tagger, OpenCLIP tower and VAE (see jobs/init_model.py)")
+        expected = get_preset(cfg.preset)
+        found = model.config.replace(tagger={"num_tags": expected.tagger.num_tags})
+        for section in ("tagger", "clip", "vae"):
+            if getattr(found, section) != getattr(expected, section):
+                raise ValueError(f"the {section} in {cfg.encoders} is not the {cfg.preset!r} preset's: "
+                                 f"{getattr(model.config, section)} vs {getattr(expected, section)}")
+        self.tagger = model.tagger.to(self.device, self.dtype)
+        self.clip = model.clip.to(self.device, self.dtype)
+        self.vae = model.vae.to(self.device, self.dtype)
+        del model
+        self.extractors = {name: load_line_extractor(name, cfg.extractor_weights[name], self.device, self.dtype)
+                           for name in cfg.sketch_extractors if name in NEURAL_EXTRACTORS}
+        self.segmenter = None
+        if cfg.segmenter:
+            from pipelines.segmenter import load_segmenter
+
+            self.segmenter = load_segmenter(cfg.segmenter, cfg.segmenter_weights, self.device, self.dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data entry: a batch of one prepared shard (Arrow IPC bytes) → the encoded shard."""
+        results = {"shard": [], "table": []}
+        for shard, data in zip(batch["shard"], batch["table"]):
+            results["shard"].append(int(shard))
+            results["table"].append(table_to_bytes(self.encode(bytes_to_table(data))))
+        return results
+
+    @torch.no_grad()
+    def encode(self, prepared: pa.Table) -> pa.Table:
+        rows = prepared.to_pylist()
+        ok = [r for r in rows if r["error"] is None]
+        groups: dict[tuple[int, int], list[dict]] = {}
+        for row in ok:
+            groups.setdefault((row["width"], row["height"]), []).append(row)
+        for (width, height), members in groups.items():
+            for start in range(0, len(members), self.cfg.encode_batch_size):
+                chunk = members[start:start + self.cfg.encode_batch_size]
+                try:
+                    self._encode_chunk(chunk, width, height)
+                except Exception as err:  # noqa: BLE001 - a failing chunk becomes error rows
+                    for row in chunk:
+                        row["error"], row["error_stage"] = f"{type(err).__name__}: {err}", "encode"
+        for row in rows:
+            row.pop("target_pixels", None)
+            row.pop("reference_pixels", None)
+        return pa.Table.from_pylist(rows, schema=encoded_schema())
+
+    def _pixels(self, chunk, key, width, height) -> torch.Tensor:
+        arrays = [np.frombuffer(r[key], np.uint8).reshape(height, width, 3) for r in chunk]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(self.device, self.dtype) / 255
+
+    def _encode_chunk(self, chunk, width, height):
+        from model.vae import encode_latents
+
+        cfg = self.cfg
+        target = self._pixels(chunk, "target_pixels", width, height)
+        reference = self._pixels(chunk, "reference_pixels", width, height)
+        for name, extractor in self.extractors.items():
+            drawings = (extractor(target.to(self.dtype)).float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            position = cfg.sketch_extractors.index(name)
+            for row, drawing in zip(chunk, drawings[:, 0]):
+                row["sketches"][position] = png_bytes(invert(drawing))
+        if self.segmenter is not None:
+            sketch_rgb = torch.from_numpy(np.stack([decode_png(r["sketches"][0]) for r in chunk]))
+            sketch_rgb = (255 - sketch_rgb)[:, None].expand(-1, 3, -1, -1).to(self.device, self.dtype) / 255
+            for key, images in (("sketch_mask", sketch_rgb), ("reference_mask", reference)):
+                masks = self.segmenter.mask(images).cpu().numpy()
+                for row, mask in zip(chunk, masks[:, 0]):
+                    row[key] = png_bytes(mask.astype(np.uint8) * 255)
+        tagged = self.tagger(reference)
+        clip_tokens = self.clip(reference)
+        probabilities = torch.sigmoid(tagged.logits.float()).cpu()
+        latents = {"target": encode_latents(self.vae, target * 2 - 1)}
+        if "reference" in cfg.latent_views:
+            latents["reference"] = encode_latents(self.vae, reference * 2 - 1)
+        for i, row in enumerate(chunk):
+            row["tagger_tokens"], row["tagger_tokens_shape"] = tensor_to_bytes(tagged.tokens[i], cfg.storage_dtype)
+            row["clip_tokens"], row["clip_tokens_shape"] = tensor_to_bytes(clip_tokens[i], cfg.storage_dtype)
+            row["latents"], row["latents_shape"] = tensor_to_bytes(latents["target"][i], cfg.storage_dtype)
+            if "reference" in latents:
+                row["reference_latents"], _ = tensor_to_bytes(latents["reference"][i], cfg.storage_dtype)
+            row["tags"] = [self.tagger.tags[j] for j in torch.nonzero(probabilities[i] >= cfg.tag_threshold).flatten().tolist()]
+            row["tensor_dtype"] = cfg.storage_dtype
+
+
+def encoded_schema() -> pa.Schema:
+    """Schema of a stage-2 shard: data and error rows together (``error`` null for data rows)."""
+    fields = [f for f in PREPARED_SCHEMA if f.name not in ("target_pixels", "reference_pixels")]
+    shape = pa.list_(pa.int32())
+    return pa.schema(fields + [
+        ("tagger_tokens", pa.binary()), ("tagger_tokens_shape", shape),
+        ("clip_tokens", pa.binary()), ("clip_tokens_shape", shape),
+        ("latents", pa.binary()), ("latents_shape", shape), ("reference_latents", pa.binary()),
+        ("tags", pa.list_(pa.string())), ("tensor_dtype", pa.string()), ("shard", pa.int32()),
+    ])
+
+
+# -------------------------------------------------------------------------------------- stage 3: write
+DATA_COLUMNS = ("id", "source", "shard", "ordinal", "width", "height", "source_width", "source_height", "image",
+                "sketches", "sketch_extractors", "sketch_mask", "reference_mask", "tagger_tokens",
+                "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "latents", "latents_shape",
+                "reference_latents", "tags", "tensor_dtype")
+ERROR_COLUMNS = ("source", "id", "shard", "ordinal", "error_stage", "error")
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def write_shard(output: str, shard: int, encoded: pa.Table, expected_inputs: int) -> dict:
+    """Write ``data/``, ``errors/`` and finally ``markers/`` for one shard; returns the marker."""
+    started = time.perf_counter()
+    is_error = pa.compute.invert(pa.compute.is_null(encoded.column("error")))
+    errors = encoded.filter(is_error).select(list(ERROR_COLUMNS))
+    data = encoded.filter(pa.compute.invert(is_error)).select(list(DATA_COLUMNS))
+    if data.num_rows + errors.num_rows != expected_inputs:
+        raise RuntimeError(f"shard {shard}: {data.num_rows} rows + {errors.num_rows} errors != {expected_inputs} inputs")
+    fs, root = fsspec.core.url_to_fs(output)
+    name = shard_name(shard)
+    _write_table(fs, f"{root}/data/{name}.parquet", data)
+    _write_table(fs, f"{root}/errors/{name}.parquet", errors)
+    marker = {"shard": shard, "inputs": expected_inputs, "rows": data.num_rows, "errors": errors.num_rows,
+              "bytes": {c: int(data.column(c).nbytes) for c in data.column_names},
+              "buckets": dict(Counter(f"{w}x{h}" for w, h in zip(data.column("width").to_pylist(),
+                                                                 data.column("height").to_pylist()))),
+              "write_seconds": round(time.perf_counter() - started, 3)}
+    _write_bytes(fs, f"{root}/markers/{name}.json", json.dumps(marker, indent=1).encode())
+    return marker
+
+
+def _write_table(fs, path: str, table: pa.Table) -> None:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(64, table.num_rows)))
+    _write_bytes(fs, path, sink.getvalue())
+
+
+def _write_bytes(fs, path: str, data: bytes) -> None:
+    """Write then rename, so a killed writer never leaves a half file under the final name (on object
+    stores, where rename is a copy, the marker written last is what makes a shard count as done)."""
+    fs.makedirs(str(Path(path).parent), exist_ok=True)
+    temporary = f"{path}.tmp"
+    with fs.open(temporary, "wb") as f:
+        f.write(data)
+    fs.mv(temporary, path)
+
+
+def process_shard(output: str, shard: int, items: list[InputItem], cfg: PreprocessConfig,
+                  encoder: ShardEncoder) -> dict:
+    """All three stages in this process (tests, benches, a debugger); the Ray job runs them as stages."""
+    return write_shard(output, shard, encoder.encode(prepare_shard(shard, items, cfg)), len(items))

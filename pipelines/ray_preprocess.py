@@ -1,0 +1,111 @@
+"""The preprocess job as a Ray Data stream over shards.
+
+    shards (from the plan, minus finished ones)
+      → prepare_shard   tasks, CPU          decode, bucket, crop, classic sketches, masks
+      → ShardEncoder    actor pool, GPU     neural sketches, WD/CLIP tokens, VAE latents
+      → write_shard     tasks, CPU          data + errors Parquet, then the marker
+
+Each row is one shard (its prepared table travels as Arrow IPC bytes), so nothing is materialized: at
+any moment only the shards in flight are in the object store, and every file is written by a worker.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from dataclasses import dataclass
+
+import ray
+
+from pipelines.dataset import check_config, completed_shards, load_or_create_plan, write_manifest
+from pipelines.preprocess import PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard, table_to_bytes, write_shard
+from pipelines.sources import InputItem
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the stages map onto the cluster."""
+
+    encoder_actors: int = 1  # upper bound of the GPU actor pool (one per GPU is typical)
+    gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_prepare: float = 1.0
+    cpus_per_encoder: float = 1.0
+
+
+def _items_json(items: list[InputItem]) -> str:
+    return json.dumps([[it.source, it.path, it.row] for it in items])
+
+
+def _prepare(batch: dict, cfg: PreprocessConfig) -> dict:
+    out = {"shard": [], "inputs": [], "table": []}
+    for shard, items_json in zip(batch["shard"], batch["items"]):
+        items = [InputItem(*entry) for entry in json.loads(items_json)]
+        out["shard"].append(int(shard))
+        out["inputs"].append(len(items))
+        out["table"].append(table_to_bytes(prepare_shard(int(shard), items, cfg)))
+    return out
+
+
+class _EncoderActor(ShardEncoder):
+    def __call__(self, batch: dict) -> dict:
+        out = super().__call__({"shard": batch["shard"], "table": batch["table"]})
+        out["inputs"] = [int(n) for n in batch["inputs"]]
+        return out
+
+
+def _write(batch: dict, output: str) -> dict:
+    markers = [write_shard(output, int(s), bytes_to_table(t), int(n))
+               for s, t, n in zip(batch["shard"], batch["table"], batch["inputs"])]
+    return {"shard": [m["shard"] for m in markers], "rows": [m["rows"] for m in markers],
+            "errors": [m["errors"] for m in markers], "inputs": [m["inputs"] for m in markers]}
+
+
+def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: ClusterOptions = ClusterOptions(),
+                   *, kind: str = "auto", id_column: str | None = None, max_shards: int | None = None) -> dict:
+    """Process every unfinished shard; returns the manifest. ``max_shards`` stops early (partial runs)."""
+    started = time.perf_counter()
+    check_config(output, cfg)
+    plan = load_or_create_plan(input_uri, output, cfg, kind=kind, id_column=id_column)
+    done = completed_shards(output)
+    pending = [k for k in range(len(plan.shards)) if k not in done]
+    if max_shards is not None:
+        pending = pending[:max_shards]
+    total = sum(len(s) for s in plan.shards)
+    print(f"[preprocess] {total} inputs in {len(plan.shards)} shards ({plan.listing_kind}); "
+          f"{len(done)} shards already done, {len(pending)} to process"
+          + (f"; {plan.ignored} non-image files ignored" if plan.ignored else ""), flush=True)
+    if plan.new_inputs:
+        print(f"[preprocess] {plan.new_inputs} inputs appeared after this dataset was planned and are not part "
+              f"of it; preprocess them into a new --output", flush=True)
+
+    if pending:
+        gpus = options.gpus_per_encoder
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        shards = ray.data.from_items(
+            [{"shard": k, "items": _items_json(plan.shards[k])} for k in pending],
+            override_num_blocks=len(pending),
+        )
+        # Resources given as a function also keep Ray Data from fusing this task stage into the encoder
+        # actors when both ask for the same CPUs (CPU-only clusters): fused, all CPU work would queue
+        # behind the actor pool instead of running as parallel tasks.
+        prepared = shards.map_batches(_prepare, fn_kwargs={"cfg": cfg}, batch_size=1,
+                                      ray_remote_args_fn=functools.partial(dict, num_cpus=options.cpus_per_prepare))
+        encoded = prepared.map_batches(
+            _EncoderActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, options.encoder_actors)),
+            num_gpus=gpus, num_cpus=options.cpus_per_encoder,
+        )
+        written = encoded.map_batches(_write, fn_kwargs={"output": output}, batch_size=1, num_cpus=0.5)
+        for row in written.iter_rows():
+            print(f"[preprocess] shard {row['shard']}: {row['rows']} rows, {row['errors']} errors "
+                  f"of {row['inputs']} inputs", flush=True)
+
+    markers = completed_shards(output)
+    manifest = write_manifest(output, cfg, plan, markers)
+    seconds = time.perf_counter() - started
+    print(f"[preprocess] done in {seconds:.1f} s: {manifest['rows']} rows + {manifest['errors']} errors = "
+          f"{manifest['rows'] + manifest['errors']} of {manifest['inputs']} inputs "
+          f"({manifest['shards_done']}/{manifest['shards']} shards)", flush=True)
+    return manifest
