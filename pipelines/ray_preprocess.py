@@ -11,7 +11,6 @@ any moment only the shards in flight are in the object store, and every file is 
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from dataclasses import dataclass
@@ -31,6 +30,23 @@ class ClusterOptions:
     gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_prepare: float = 1.0
     cpus_per_encoder: float = 1.0
+
+
+def encoder_memory_bytes(preset: str) -> int:
+    """Host memory an encoder actor needs: its frozen models in float32, twice (load, then move).
+
+    Declaring it also keeps Ray Data from fusing the CPU task stage into the encoder actors on CPU-only
+    clusters (fusion needs equal resource requests); fused, all CPU work would queue behind the pool.
+    """
+    import torch
+
+    from model.colorizer import Colorizer
+    from model.config import get_preset
+
+    with torch.device("meta"):
+        model = Colorizer(get_preset(preset))
+    frozen = sum(p.numel() for name in ("tagger", "clip", "vae") for p in getattr(model, name).parameters())
+    return 2 * 4 * frozen
 
 
 def _items_json(items: list[InputItem]) -> str:
@@ -87,15 +103,11 @@ def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: 
             [{"shard": k, "items": _items_json(plan.shards[k])} for k in pending],
             override_num_blocks=len(pending),
         )
-        # Resources given as a function also keep Ray Data from fusing this task stage into the encoder
-        # actors when both ask for the same CPUs (CPU-only clusters): fused, all CPU work would queue
-        # behind the actor pool instead of running as parallel tasks.
-        prepared = shards.map_batches(_prepare, fn_kwargs={"cfg": cfg}, batch_size=1,
-                                      ray_remote_args_fn=functools.partial(dict, num_cpus=options.cpus_per_prepare))
+        prepared = shards.map_batches(_prepare, fn_kwargs={"cfg": cfg}, batch_size=1, num_cpus=options.cpus_per_prepare)
         encoded = prepared.map_batches(
             _EncoderActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, options.encoder_actors)),
-            num_gpus=gpus, num_cpus=options.cpus_per_encoder,
+            num_gpus=gpus, num_cpus=options.cpus_per_encoder, memory=encoder_memory_bytes(cfg.preset),
         )
         written = encoded.map_batches(_write, fn_kwargs={"output": output}, batch_size=1, num_cpus=0.5)
         for row in written.iter_rows():

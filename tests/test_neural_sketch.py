@@ -163,6 +163,20 @@ def test_anime2sketch_layout_matches_pix2pix_unet256_count():
     assert _params(net) - biases + norms == 54_413_955
 
 
+def test_unet_skip_carries_leaky_relu_of_its_input():
+    """The published U-Net was trained with an in-place LeakyReLU heading each inner level, so the skip half of
+    the concatenation is leaky_relu(x), not x. The port reproduces that and leaves the caller's tensor alone."""
+    from pipelines.neural_sketch import _UNetLevel
+
+    level = _UNetLevel(4, 8, child=_UNetLevel(8, 8, role="innermost")).eval()
+    x = torch.randn(1, 4, 8, 8)
+    before = x.clone()
+    out = level(x)
+    assert out.shape == (1, 8, 8, 8)
+    assert torch.equal(out[:, :4], torch.nn.functional.leaky_relu(before, 0.2))
+    assert torch.equal(x, before)
+
+
 def test_manga_line_published_layout():
     net = _meta_net("manga_line")
     state = net.state_dict()
@@ -244,6 +258,8 @@ def test_anime2sketch_convention():
     drawing = extractor(image)
     assert seen == [(1, 3, 256, 256)]
     torch.testing.assert_close(drawing, image.mean(dim=1, keepdim=True))  # tanh-space output -> (y + 1) / 2
+    extractor(_image(height=260, width=70))
+    assert seen[-1] == (1, 3, 512, 256)  # eight stride-2 levels: multiples of 256
 
 
 def test_manga_line_convention():
@@ -275,6 +291,13 @@ def test_sketchkeras_convention_and_batch_regrouping():
     assert drawing[0, 0, :, 40:42].max() < 0.5  # the stroke is dark
     assert torch.all(drawing[0, 0, :, :25] == 1.0)  # far from it: white (beyond the blur radius)
     assert torch.all(drawing[1] == 1.0)  # the flat image has no lines, whatever its neighbour in the batch
+
+
+def test_sketchkeras_threshold():
+    extractor, _ = _probe("sketchkeras", lambda x: torch.full_like(x, 0.05))
+    assert torch.all(extractor(_image()) == 1.0)  # below the reference threshold 0.1: no line
+    extractor, _ = _probe("sketchkeras", lambda x: torch.full_like(x, 0.3))
+    torch.testing.assert_close(extractor(_image()), torch.full((1, 1, 45, 70), 0.7))
 
 
 def test_forward_rejects_wrong_layout():

@@ -142,6 +142,56 @@ def test_all_side_outputs_are_input_sized_logits():
     assert (first < 0).any() or (first > 1).any()  # logits, not probabilities
 
 
+def _hashed_uniform(count: int, salt: int) -> torch.Tensor:
+    """Deterministic values in [-0.5, 0.5) from integer arithmetic: the same on every torch build."""
+    i = torch.arange(count, dtype=torch.int64)
+    h = (i * 1103515245 + 12345 + salt * 7919) % 2**31
+    h = (h * 1103515245 + 12345) % 2**31
+    return h.double() / 2**31 - 0.5
+
+
+def _hashed_fill(net: ISNetDIS) -> None:
+    with torch.no_grad():
+        for salt, (name, tensor) in enumerate(net.state_dict().items()):
+            if name.endswith("num_batches_tracked"):
+                continue
+            u = _hashed_uniform(tensor.numel(), salt).reshape(tensor.shape)
+            if name.endswith("running_var"):
+                value = 1.0 + u.abs()
+            elif name.endswith("running_mean"):
+                value = 0.1 * u
+            elif name.endswith("bn_s1.weight"):
+                value = 1.0 + 0.2 * u
+            elif name.endswith("bias"):
+                value = 0.1 * u
+            else:  # conv weights, variance 2 / fan_in
+                value = u * (24.0 / (tensor.numel() // tensor.shape[0])) ** 0.5
+            tensor.copy_(value.to(tensor.dtype))
+
+
+def test_forward_matches_reference_implementation():
+    """Logits of the width-8 net against values computed once with the public reference code.
+
+    Golden values: SkyTNT anime-segmentation ``model/isnet.py`` (all six sides) and ColorizeDiffusionXL
+    ``preprocessor/anime_segment.py`` (side 1), their ``ISNetDIS.forward`` and RSU blocks with every channel
+    count divided by 8, loaded with these weights; both agreed with this module to 0.0.
+    """
+    net = ISNetDIS(TINY).eval()
+    _hashed_fill(net)
+    rows = torch.arange(48, dtype=torch.float64)[:, None]
+    cols = torch.arange(40, dtype=torch.float64)[None, :]
+    image = torch.stack([0.5 + 0.5 * torch.sin(0.3 * rows + 0.2 * cols + c) for c in range(3)])[None].float()
+    with torch.no_grad():
+        sides = net(image, all_sides=True)
+    points = [(0, 0), (5, 7), (23, 19), (31, 2), (47, 39)]
+    found = torch.tensor([sides[0][0, 0, r, c].item() for r, c in points])
+    expected = torch.tensor([-0.14816, -0.21808, 0.03671, -0.10812, -0.15342])
+    assert torch.allclose(found, expected, atol=2e-4), found
+    means = torch.tensor([side.mean().item() for side in sides])
+    expected_means = torch.tensor([-0.05252, 0.08256, -0.01281, 0.03683, -0.00276, -0.03746])
+    assert torch.allclose(means, expected_means, atol=2e-4), means
+
+
 # ------------------------------------------------------------------------------------------- loading
 
 
@@ -196,8 +246,8 @@ def test_missing_batch_counters_are_tolerated(tmp_path):
 @pytest.mark.parametrize("name", sorted(SEGMENTERS))
 def test_forward_odd_non_square(name):
     torch.manual_seed(0)
-    segmenter = build_segmenter(name, width=TINY).eval()
-    assert segmenter.input_size == 1024
+    assert build_segmenter(name, width=TINY).input_size == 1024  # the published training size
+    segmenter = build_segmenter(name, width=TINY, input_size=96).eval()
     images = torch.rand(2, 3, 37, 53)
     probs = segmenter(images)
     assert probs.shape == (2, 1, 37, 53)
@@ -208,6 +258,8 @@ def test_forward_odd_non_square(name):
     mask = segmenter.mask(images, threshold=0.5)
     assert mask.dtype == torch.bool and mask.shape == (2, 1, 37, 53)
     assert torch.equal(mask, probs > 0.5)
+    cut = probs.median().item()
+    assert torch.equal(segmenter.mask(images, threshold=cut), probs > cut)
 
 
 def _net_input(segmenter: ForegroundSegmenter, images: torch.Tensor) -> torch.Tensor:
@@ -238,22 +290,25 @@ def test_isnet_sketch_squashes_and_inverts():
 def test_output_covers_only_the_image_area():
     """The letterbox crop maps the image area of the canvas back onto the image, not the padding."""
     segmenter = build_segmenter("isnetis", width=TINY, input_size=32).eval()
-    # A net whose probability is 1 on the canvas's top half only: the 16 x 32 image sits on rows 8..23,
-    # so its top half (rows 8..15) must come back as 1 and its bottom half as 0.
-    segmenter.net = _TopHalf()
+    # The 20 x 40 image fits the 32-square as 16 x 32 on rows 8..23. Foreground on canvas rows 0..11 is
+    # the image's rows 0..3 of 16, i.e. its top fifth once back at 20 rows (the rest would be the padding's).
+    segmenter.net = _TopRows(12)
     probs = segmenter(torch.rand(1, 3, 20, 40))
     assert probs.shape == (1, 1, 20, 40)
-    assert (probs[..., :9, :] > 0.99).all() and (probs[..., 11:, :] < 0.01).all()
+    assert (probs[..., :4, :] > 0.99).all() and (probs[..., 6:, :] < 0.01).all()
 
 
-class _TopHalf(torch.nn.Module):
-    def __init__(self):
+class _TopRows(torch.nn.Module):
+    """Stands in for the net: probability 1 on the canvas's top ``rows`` rows, 0 below."""
+
+    def __init__(self, rows: int):
         super().__init__()
+        self.rows = rows
         self.conv_in = torch.nn.Conv2d(3, 1, 1)
 
     def forward(self, x):
         logits = torch.full_like(x[:, :1], -50.0)
-        logits[:, :, : x.shape[-2] // 2] = 50.0
+        logits[:, :, : self.rows] = 50.0
         return logits
 
 
@@ -318,7 +373,7 @@ def test_unknown_name(tmp_path):
 
 def test_unreadable_formats(tmp_path):
     pickled = tmp_path / "code.ckpt"
-    torch.save({"state_dict": {"conv_in.weight": torch.zeros(1)}, "hook": _TopHalf}, pickled)
+    torch.save({"state_dict": {"conv_in.weight": torch.zeros(1)}, "hook": _TopRows}, pickled)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_segmenter("isnetis", pickled, width=TINY)
     onnx = tmp_path / "isnetis.onnx"
