@@ -374,7 +374,7 @@ class SketchKerasNet(_LineNet):
         """Separable Gaussian blur of each channel; OpenCV's 8-bit kernel size and its default border
         (reflect-101 = torch "reflect") where the image is large enough, edge replication otherwise."""
         radius = max(1, int(round(self.blur_sigma * 3)))  # OpenCV: ksize = round(sigma * 3 * 2 + 1) | 1 for 8-bit
-        taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float64)
+        taps = torch.arange(-radius, radius + 1, device=x.device, dtype=torch.float32)
         kernel = torch.exp(-(taps ** 2) / (2.0 * self.blur_sigma ** 2))
         kernel = (kernel / kernel.sum()).to(x.dtype)
         channels = x.shape[1]

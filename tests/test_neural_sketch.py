@@ -181,7 +181,8 @@ def test_manga_line_published_layout():
     net = _meta_net("manga_line")
     state = net.state_dict()
     assert _params(net) == 43_100_147
-    assert sum(1 for k in state if k.endswith("num_batches_tracked")) == 2 * (2 + 3 + 5 + 7 + 12 + 7 + 5 + 3 + 2 + 2) + 1
+    units = 2 + 3 + 5 + 7 + 12 + 7 + 5 + 3 + 2 + 2  # block0..block9, two BatchNorms each, plus conv15's
+    assert sum(1 for k in state if k.endswith("num_batches_tracked")) == 2 * units + 1
     assert state["block0.model.0.conv1.model.0.weight"].shape == (1,)  # BN over the 1-channel input
     assert state["block0.model.0.shortcut.model.0.weight"].shape == (24, 1, 1, 1)
     assert "block0.model.1.shortcut.model.0.weight" not in state  # same width, stride 1: plain sum
