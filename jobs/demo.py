@@ -1,8 +1,14 @@
 """`make demo`: the main job, end to end on a local Ray with the tiny preset.
 
-Today's chain: build a tiny colorizer (random init; the training job replaces this with a trained one),
-save it as a model folder, load that folder inside a Ray task, and colorize a generated sketch/reference
-pair into a PNG. Later stages (preprocess, train, evaluate, serve) join this chain as they land.
+The chain so far, each step skipped when its output already exists:
+
+1. make a synthetic corpus (with a few damaged files, as real corpora have);
+2. assemble the base model folder (tiny preset, random init; holds the frozen encoders);
+3. preprocess the corpus with Ray Data (sketches, masks, tokens, latents → Parquet shards);
+4. colorize one sketch from the dataset after another image's reference, in a Ray task.
+
+Training, evaluation and serving join this chain as those jobs land; until training does, the model is
+untrained and its colorization is noise.
 
     python jobs/demo.py --out outputs/demo
 """
@@ -10,73 +16,92 @@ pair into a PNG. Later stages (preprocess, train, evaluate, serve) join this cha
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as `python jobs/demo.py` anywhere
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from jobs.init_model import init_model  # noqa: E402
+from jobs.make_corpus import make_corpus  # noqa: E402
+from pipelines.dataset import read_all  # noqa: E402
+from pipelines.preprocess import PreprocessConfig  # noqa: E402
+from pipelines.ray_preprocess import run_preprocess  # noqa: E402
 
-def build_model_folder(folder: Path, preset: str, seed: int) -> Path:
-    """A model folder to serve the chain; reused when it exists."""
+
+def colorize_from_dataset(model_folder: str, dataset: str, out_dir: str, seed: int, steps: int) -> dict:
+    """Sketch of the first dataset row, reference = the image of the last row; writes a result strip."""
     from model.colorizer import Colorizer
-    from model.config import get_preset
-
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(seed)
-    return Colorizer.from_config(get_preset(preset)).save_pretrained(folder)
-
-
-def colorize_generated_pair(model_folder: str, out_dir: str, seed: int, steps: int) -> dict:
-    """Colorize one synthetic pair; writes the result and a sketch | reference | result strip."""
-    from model.colorizer import Colorizer
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.sketches import invert
 
     torch.set_num_threads(2)
     model = Colorizer.from_pretrained(model_folder)
-    reference = synthetic_illustration(seed=seed, width=128, height=128)
-    drawing = synthetic_illustration(seed=seed + 1, width=128, height=128)  # a different drawing: real use
+    rows = read_all(dataset, columns=["source", "image", "sketches"]).to_pylist()
+    sketch_row, reference_row = rows[0], rows[-1]
+    drawing = invert(np.asarray(Image.open(io.BytesIO(sketch_row["sketches"][0]))))
+    reference = np.asarray(Image.open(io.BytesIO(reference_row["image"])).convert("RGB"))
     started = time.perf_counter()
-    result = model.colorize(drawing.sketch, reference.color, steps=steps, seed=seed)
+    result = model.colorize(drawing, reference, steps=steps, seed=seed)
     seconds = time.perf_counter() - started
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     result_path = out / "colorized.png"
     result.save(result_path)
     height = result.size[1]
-    panels = [Image.fromarray(drawing.sketch).convert("RGB"), Image.fromarray(reference.color), result]
+    panels = [Image.fromarray(drawing).convert("RGB"), Image.fromarray(reference), result]
     strip = np.concatenate([np.asarray(p.resize((p.size[0] * height // p.size[1], height))) for p in panels], axis=1)
     Image.fromarray(strip).save(out / "strip.png")
     return {"image": str(result_path), "strip": str(out / "strip.png"), "size": list(result.size),
+            "sketch_from": sketch_row["source"], "reference_from": reference_row["source"],
             "steps": steps, "seconds": round(seconds, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="outputs/demo", help="where the model folder and images go")
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--out", default="outputs/demo", help="where everything goes")
+    parser.add_argument("--images", type=int, default=32, help="size of the synthetic corpus")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
-    model_folder = build_model_folder(out / "model", args.preset, args.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    corpus = out / "corpus"
+    if not corpus.is_dir():
+        print("[demo] 1/4 making a synthetic corpus:", json.dumps(make_corpus(corpus, args.images, True, args.seed)))
+    else:
+        print(f"[demo] 1/4 corpus exists: {corpus}")
+    base = init_model(out / "base", "tiny", seed=args.seed)
+    print(f"[demo] 2/4 base model folder: {base}")
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     try:
-        task = ray.remote(num_cpus=2)(colorize_generated_pair)
-        report = ray.get(task.remote(str(model_folder), str(out), args.seed, args.steps))
+        dataset = out / "dataset"
+        print(f"[demo] 3/4 preprocessing {corpus} → {dataset}")
+        cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base))
+        manifest = run_preprocess(str(corpus), str(dataset), cfg)
+        print("[demo] 4/4 colorizing a dataset sketch after another image's reference (in a Ray task)")
+        task = ray.remote(num_cpus=2)(colorize_from_dataset)
+        report = ray.get(task.remote(str(base), str(dataset), str(out), args.seed, args.steps))
     finally:
         ray.shutdown()
-    report["model_folder"] = str(model_folder)
-    print(json.dumps(report, indent=2))
-    print(f"\ncolorized image: {report['image']}\nsketch | reference | result: {report['strip']}")
+
+    summary = {
+        "dataset": str(dataset), "rows": manifest["rows"], "errors": manifest["errors"], "inputs": manifest["inputs"],
+        "model": str(base), "colorized": report, "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(summary, indent=2))
+    print(f"\n[demo] dataset: {dataset} ({manifest['rows']} rows, {manifest['errors']} errors in "
+          f"{dataset / 'errors'})\n[demo] colorized image: {report['image']}\n[demo] sketch | reference | result: "
+          f"{report['strip']}\n[demo] on a cluster: ray job submit --working-dir . -- python jobs/preprocess.py "
+          f"--input <corpus> --output <dataset> --encoders <model folder> --preset sdxl")
     return 0
 
 

@@ -234,7 +234,7 @@ class ForegroundSegmenter(nn.Module):
         # Resizing and the sigmoid run in float32; the net in its own dtype.
         canvas, (top, left, h, w) = self._net_input(images.to(device=weight.device, dtype=torch.float32))
         logits = self.net(canvas.to(weight.dtype))
-        prob = torch.sigmoid(logits.float())
+        prob = torch.sigmoid(logits.float())[:, :, top:top + h, left:left + w]
         prob = _resize(prob, (height, width)).clamp_(0.0, 1.0)
         return prob.to(device=images.device, dtype=images.dtype)
 
