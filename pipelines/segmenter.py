@@ -15,7 +15,7 @@ Conventions of :class:`ForegroundSegmenter`: images are ``(B, 3, H, W)`` RGB flo
 the output is ``(B, 1, H, W)`` foreground probability in [0, 1] at the input size. Inside, the image is
 fitted into an ``input_size`` square (1024, the training size of ``isnetis``), no mean/std normalization.
 
-* ``isnetis``: as SkyTNT's ``inference.py``: aspect kept, centred on a black square canvas.
+* ``isnetis`` (alias ``isnet``): as SkyTNT's ``inference.py``: aspect kept, centred on a black square canvas.
 * ``isnet-sketch``: as the reference's ``proceed(..., crop=False)`` for sketch masks: squashed to the
   square and inverted (the net sees light lines on black), so pass a sketch as dark lines on white.
 
@@ -281,6 +281,7 @@ SEGMENTERS: dict[str, SegmenterSpec] = {
         pad_value=1.0,  # white paper, used only if letterboxing is switched on
     ),
 }
+SEGMENTERS["isnet"] = SEGMENTERS["isnetis"]  # the reference's name for the same weights ("ISNet")
 
 
 def build_segmenter(name: str, width: int = PUBLISHED_WIDTH, input_size: int | None = None) -> ForegroundSegmenter:
@@ -364,7 +365,9 @@ def load_isnet_state(net: ISNetDIS, state: Mapping[str, torch.Tensor], path: Pat
             rows = [f"{key}: found {tuple(state[key].shape)}" for key in unexpected]
             parts.append(f"  {len(unexpected)} unexpected in the file:{_listing(rows)}")
         if mismatched:
-            rows = [f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}" for key in mismatched]
+            rows = [
+                f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}" for key in mismatched
+            ]
             parts.append(f"  {len(mismatched)} with a different shape:{_listing(rows)}")
         raise ValueError("\n".join(parts))
     complete = dict(state)

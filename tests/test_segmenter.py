@@ -59,6 +59,15 @@ def _rsu_parameters(depth: int, cin: int, mid: int, cout: int) -> int:
     return encoder + decoder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny nets run hundreds of small ops; one thread avoids thread-sync stalls on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def published_state():
     with torch.device("meta"):
@@ -362,6 +371,12 @@ def test_missing_file(tmp_path):
     path = tmp_path / "nowhere" / "isnetis.safetensors"
     with pytest.raises(FileNotFoundError, match=re.escape(str(path))):
         load_segmenter("isnetis", path)
+
+
+def test_registry_names():
+    assert {"isnetis", "isnet", "isnet-sketch"} <= set(SEGMENTERS)
+    assert SEGMENTERS["isnet"] == SEGMENTERS["isnetis"]
+    assert not SEGMENTERS["isnetis"].invert and SEGMENTERS["isnet-sketch"].invert
 
 
 def test_unknown_name(tmp_path):
