@@ -147,3 +147,26 @@ def test_config_refuses_unknown_extractors_and_missing_weights(workspace):
         PreprocessConfig(sketch_extractors=("xdog", "anime2sketch"))
     assert json.dumps(PreprocessConfig().to_json())
     assert os.path.isdir(workspace["encoders"])
+
+
+def test_a_neural_extractor_runs_in_the_encoder_stage(workspace, tmp_path):
+    """informative_drawings at its published size (4.3M parameters, random init) saved as the published
+    file, selected by name: its sketches come from the encoder stage, the classic ones from the CPU stage."""
+    import torch
+
+    from pipelines.neural_sketch import build_line_network
+
+    torch.manual_seed(0)
+    weights = tmp_path / "sk_model.pth"
+    torch.save(build_line_network("informative_drawings").state_dict(), weights)
+    cfg = PreprocessConfig(preset="tiny", shard_size=4, encoders=str(workspace["encoders"]),
+                           sketch_extractors=("xdog", "informative_drawings", "canny", "highpass"),
+                           extractor_weights={"informative_drawings": str(weights)})
+    items = [it for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/")][:2]
+    marker = process_shard(str(tmp_path / "out"), 0, items, cfg, ShardEncoder(cfg))
+    assert marker["rows"] == 2 and marker["errors"] == 0
+    row = pq.read_table(tmp_path / "out" / "data" / "shard-00000.parquet").to_pylist()[0]
+    assert row["sketch_extractors"] == ["xdog", "informative_drawings", "canny", "highpass"]
+    neural = np.asarray(Image.open(io.BytesIO(row["sketches"][1])))
+    assert neural.shape == (row["height"], row["width"]) and neural.dtype == np.uint8
+    assert not np.array_equal(neural, np.asarray(Image.open(io.BytesIO(row["sketches"][0]))))
