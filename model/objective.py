@@ -33,9 +33,16 @@ class TrainingBatch:
     clip_tokens: torch.Tensor
     tagger_tokens: torch.Tensor
     vector_condition: torch.Tensor
+    # stage 2 (plugin) only: reference latents (B, C, h, w) of the letterboxed reference, and the
+    # foreground masks of sketch and reference (B, 1, H, W) in {0, 1} at pixel resolution
+    reference_latents: torch.Tensor | None = None
+    sketch_mask: torch.Tensor | None = None
+    reference_mask: torch.Tensor | None = None
 
     def to(self, device=None, dtype=None) -> "TrainingBatch":
         def move(t):
+            if t is None:
+                return None
             return t.to(device=device, dtype=dtype if t.is_floating_point() else None)
 
         return TrainingBatch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
