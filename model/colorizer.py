@@ -69,6 +69,7 @@ class Colorizer(nn.Module):
         self.clip = freeze(clip if clip is not None else ClipImageEncoder(config.clip))
         self.vae = freeze(vae if vae is not None else build_vae(config.vae))
         self.noise_scheduler = training_scheduler(config.diffusion)
+        self.plugin = None  # stage 2: a model.plugin.ReferencePlugin, attached by model.plugin.attach_plugin
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -107,7 +108,15 @@ class Colorizer(nn.Module):
     def save_pretrained(self, folder: str | Path) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.unet.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        if self.plugin is not None:  # the unet folder stays stock diffusers; adapters go to plugin/
+            from model.plugin import save_plugin
+            from model.split_attention import stock_processors
+
+            with stock_processors(self.unet.unet):
+                self.unet.unet.save_pretrained(folder / "unet", safe_serialization=True)
+            save_plugin(self, folder / "plugin")
+        else:
+            self.unet.unet.save_pretrained(folder / "unet", safe_serialization=True)
         self.vae.save_pretrained(folder / "vae", safe_serialization=True)
         sections = {"sketch_encoder": "sketch_encoder", "projector": "projector", "tagger": "tagger", "clip": "clip"}
         tensors = {
@@ -152,6 +161,10 @@ class Colorizer(nn.Module):
         for component in ("sketch_encoder", "projector"):
             path = folder / component / "model.safetensors"
             pretrained.check_and_load(getattr(model, component), pretrained.read_state_dict(path), path)
+        if (folder / "plugin").is_dir():
+            from model.plugin import load_plugin
+
+            load_plugin(model, folder / "plugin")
         return model.to(device=device, dtype=dtype).eval()
 
     # ---------------------------------------------------------------------------------------- inference
@@ -172,25 +185,51 @@ class Colorizer(nn.Module):
     def colorize(self, sketch, reference, *, steps: int | None = None, seed: int = 0,
                  size: tuple[int, int] | None = None, guidance: Guidance | None = None,
                  reference_strength: float = 1.0, sketch_strengths: list[float] | None = None,
-                 aesthetic_score: float | None = None) -> Image.Image:
+                 aesthetic_score: float | None = None, plugin: bool | None = None, background_reference=None,
+                 foreground_strength: float = 1.0, background_strength: float = 1.0,
+                 mask_threshold: float | None = None) -> Image.Image:
         """Color ``sketch`` (a drawing: dark lines on light, PIL or uint8 array) after ``reference``.
 
         ``size`` is (width, height); ``None`` fits the sketch's aspect at the preset's default area.
         ``sketch_strengths`` scales each sketch-injection point (``None`` = 1 everywhere).
+        Stage-2 controls (see :meth:`colorize_batch`): ``plugin``, ``background_reference``,
+        ``foreground_strength``, ``background_strength``, ``mask_threshold``.
         """
+        backgrounds = None if background_reference is None else [background_reference]
         return self.colorize_batch([sketch], [reference], seeds=[seed], steps=steps, size=size, guidance=guidance,
                                    reference_strength=reference_strength, sketch_strengths=sketch_strengths,
-                                   aesthetic_score=aesthetic_score)[0]
+                                   aesthetic_score=aesthetic_score, plugin=plugin, background_references=backgrounds,
+                                   foreground_strength=foreground_strength, background_strength=background_strength,
+                                   mask_threshold=mask_threshold)[0]
 
     @torch.no_grad()
     def colorize_batch(self, sketches: list, references: list, *, seeds: list[int], steps: int | None = None,
                        size: tuple[int, int] | None = None, guidance: Guidance | None = None,
                        reference_strength: float = 1.0, sketch_strengths: list[float] | None = None,
-                       aesthetic_score: float | None = None) -> list[Image.Image]:
+                       aesthetic_score: float | None = None, plugin: bool | None = None,
+                       background_references: list | None = None, foreground_strength: float = 1.0,
+                       background_strength: float = 1.0, mask_threshold: float | None = None) -> list[Image.Image]:
         """Several pairs at one output size; each item's noise comes from its own seed, so an item's result
-        does not depend on what it was batched with."""
+        does not depend on what it was batched with.
+
+        Stage 2: ``plugin`` (``None`` = on when the model has one) runs the plugin once per generation and
+        splits attention into foreground and background (masks from the sketch and the reference);
+        ``background_references`` (per item, or ``None`` entries) give the background its own reference;
+        ``foreground_strength``/``background_strength`` weight each region's reference; ``mask_threshold``
+        (``None`` = the plugin's default) decides which tokens count as foreground.
+        """
         if not (len(sketches) == len(references) == len(seeds)) or not sketches:
             raise ValueError(f"got {len(sketches)} sketches, {len(references)} references, {len(seeds)} seeds")
+        use_plugin = self.plugin is not None if plugin is None else bool(plugin)
+        if use_plugin and self.plugin is None:
+            raise ValueError("plugin=True needs a model with a plugin (a stage-2 model folder has plugin/); "
+                             "this model has none")
+        if background_references is not None:
+            if not use_plugin:
+                raise ValueError("a background reference needs the plugin (split attention); it is off or absent")
+            if len(background_references) != len(references):
+                raise ValueError(f"got {len(background_references)} background references for "
+                                 f"{len(references)} references")
         s = self.config.sampling
         steps = s.steps if steps is None else int(steps)
         if not 1 <= steps <= 200:
@@ -221,9 +260,33 @@ class Colorizer(nn.Module):
         stacked_residuals = [torch.cat([per_condition[c][i] for c in conditions]) for i in range(points)]
         stacked_vector = vector.repeat(k, 1)
 
+        split_kwargs = None
+        if use_plugin:  # the plugin runs here, once; its features serve every step
+            from model.plugin import plugin_inputs
+            from model.split_attention import split_attention_kwargs
+
+            sketch_mask, reference_mask, reference_latents = plugin_inputs(
+                self, sketches, references, background_references, (width, height))
+            features = self.plugin(reference_latents, sketch_mask, reference_mask, vector)
+            background_context = None
+            if background_references is not None and any(b is not None for b in background_references):
+                given = [i for i, b in enumerate(background_references) if b is not None]
+                background = context.clone()
+                background[given] = self.encode_reference(torch.cat(
+                    [_square_reference(image_to_tensor(background_references[i]), encoder_side) for i in given]
+                )) * reference_strength
+                per_condition_bg = {"full": background, "no_reference": torch.zeros_like(background),
+                                    "no_sketch": background}
+                background_context = torch.cat([per_condition_bg[c] for c in conditions])
+            threshold = self.plugin.config.mask_threshold if mask_threshold is None else mask_threshold
+            split_kwargs = split_attention_kwargs(sketch_mask, reference_mask, features, background_context,
+                                                  foreground_strength=foreground_strength,
+                                                  background_strength=background_strength, mask_threshold=threshold)
+
         def denoise(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
             t = timestep.expand(batch * k)
-            out = self.unet(latents.repeat(k, 1, 1, 1).to(dtype), t, stacked_context, stacked_vector, stacked_residuals)
+            out = self.unet(latents.repeat(k, 1, 1, 1).to(dtype), t, stacked_context, stacked_vector,
+                            stacked_residuals, cross_attention_kwargs=split_kwargs)
             predictions = dict(zip(conditions, out.prediction.float().chunk(k)))
             return guided_prediction(predictions, guidance)
 

@@ -1,0 +1,315 @@
+"""The per-worker training loop (Ray Train + DeepSpeed ZeRO-2), as plain functions around the objective.
+
+``train_loop_per_worker`` is what ``TorchTrainer`` runs on every worker: build the trainable modules from
+a model folder, wrap them in a DeepSpeed engine (ZeRO-2; bf16 on GPUs, fp32 with gloo on CPUs), stream
+single-bucket batches from the preprocessed dataset, step, and every ``checkpoint_every`` steps save
+DeepSpeed's sharded checkpoint through ``ray.train.report``. Rank 0 logs to MLflow under one run that
+survives restarts and, at the end, exports a consolidated model folder that ``Colorizer`` loads.
+
+The science lives in :mod:`model.objective` (stage 1) and :mod:`model.plugin` (stage 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from model.objective import TrainingBatch, gram_weight_at, training_step
+
+STAGES = ("backbone", "plugin")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; logged to MLflow as its parameters."""
+
+    stage: str
+    model: str  # model folder to start from (stage 1: jobs/init_model.py; stage 2: a stage-1 export)
+    dataset: str  # preprocess output folder
+    export: str  # where the consolidated model folder goes at the end
+    steps: int = 1000
+    batch_size: int = 16  # per worker
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    gradient_clipping: float = 1.0
+    gradient_checkpointing: bool = True
+    checkpoint_every: int = 100
+    sample_every: int = 500  # sample grid + Gram heat maps to MLflow (0 = only at the end)
+    seed: int = 0
+    aesthetic_score: float = 7.0
+    plugin_rank: int = 16
+    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
+    mlflow_experiment: str = "colorize-xl"
+    run_name: str = "colorize-xl"
+    extra_params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("steps, batch_size and checkpoint_every must be positive")
+
+
+# ------------------------------------------------------------------------------------------- modules
+class BackboneStage(nn.Module):
+    """Stage 1: the U-Net, sketch encoder and projector train; forward is the dual-branch step."""
+
+    def __init__(self, colorizer):
+        super().__init__()
+        self.unet = colorizer.unet
+        self.sketch_encoder = colorizer.sketch_encoder
+        self.projector = colorizer.projector
+        self.noise_scheduler = colorizer.noise_scheduler
+        self.diffusion = colorizer.config.diffusion
+
+    def forward(self, batch: TrainingBatch, gram_weight: float, generator=None):
+        return training_step(self, batch, self.noise_scheduler, self.diffusion, gram_weight=gram_weight,
+                             generator=generator)
+
+    def trainable_parameters(self):
+        return [p for m in (self.unet, self.sketch_encoder, self.projector) for p in m.parameters()]
+
+
+def build_stage(colorizer, cfg: TrainConfig) -> nn.Module:
+    if cfg.stage == "backbone":
+        stage = BackboneStage(colorizer)
+    else:
+        from model.plugin import PluginStage
+
+        stage = PluginStage(colorizer, rank=cfg.plugin_rank)
+    trainable = {id(p) for p in stage.trainable_parameters()}
+    for p in stage.parameters():
+        p.requires_grad_(id(p) in trainable)
+    if cfg.gradient_checkpointing:
+        colorizer.unet.unet.enable_gradient_checkpointing()
+    return stage
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": {"stage": 2, "contiguous_gradients": True, "overlap_comm": on_gpu,
+                              "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000},
+        "bf16": {"enabled": on_gpu},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+
+
+# ------------------------------------------------------------------------------------------- mlflow
+class Tracker:
+    """MLflow from rank 0 only; one run per ``run_name``, found again after any restart."""
+
+    def __init__(self, cfg: TrainConfig, run_id: str | None, active: bool):
+        self.active = active
+        self.run_id = run_id
+        if not active:
+            return
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
+        experiment = mlflow.get_experiment_by_name(cfg.mlflow_experiment)
+        if experiment is None:
+            artifacts = Path(cfg.export).resolve().parent / "mlartifacts"
+            experiment_id = mlflow.create_experiment(cfg.mlflow_experiment, artifact_location=artifacts.as_uri())
+        else:
+            experiment_id = experiment.experiment_id
+        if run_id is None:
+            found = mlflow.search_runs([experiment_id], filter_string=f"tags.`colorize.run_name` = '{cfg.run_name}'"
+                                       f" and tags.`colorize.stage` = '{cfg.stage}'", output_format="list")
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.run_name}-{cfg.stage}",
+                                   tags={"colorize.run_name": cfg.run_name, "colorize.stage": cfg.stage})
+            params = {k: v for k, v in asdict(cfg).items() if k != "extra_params"} | cfg.extra_params
+            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        else:
+            run = mlflow.start_run(run_id=run_id)
+        self.run_id = run.info.run_id
+
+    def metrics(self, values: dict, step: int) -> None:
+        if self.active:
+            self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+
+    def image(self, image, name: str) -> None:
+        if self.active:
+            self.mlflow.log_image(image, artifact_file=name)
+
+    def close(self) -> None:
+        if self.active:
+            self.mlflow.end_run()
+
+
+# --------------------------------------------------------------------------------------------- loop
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        import ray.train
+
+        return torch.device("cuda", ray.train.get_context().get_local_rank())
+    return torch.device("cpu")
+
+
+def batches_forever(shard, cfg: TrainConfig, stage: str, seed: int):
+    """Epoch after epoch of single-bucket batches from this worker's dataset shard."""
+    from pipelines.training_data import bucketed_batches, rows_of
+
+    epoch = 0
+    while True:
+        rows = rows_of(shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
+                                          local_shuffle_seed=seed + epoch))
+        produced = False
+        for batch in bucketed_batches(rows, cfg.batch_size, seed=seed + epoch, aesthetic_score=cfg.aesthetic_score,
+                                      stage=stage):
+            produced = True
+            yield batch
+        if not produced:
+            raise RuntimeError(f"no bucket of this worker's data shard holds {cfg.batch_size} rows: lower --batch-size")
+        epoch += 1
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+
+    from model.colorizer import Colorizer
+
+    cfg = TrainConfig(**config)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = _device()
+    on_gpu = device.type == "cuda"
+    torch.manual_seed(cfg.seed + rank)
+
+    colorizer = Colorizer.from_pretrained(cfg.model)
+    stage = build_stage(colorizer, cfg)
+    stage.to(device)
+    optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu))
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+
+    step, run_id = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            _, client_state = engine.load_checkpoint(folder, tag="state")
+        step, run_id = int(client_state["step"]), client_state.get("mlflow_run_id")
+        if rank == 0:
+            print(f"[train] resumed from step {step} of {cfg.steps}", flush=True)
+    tracker = Tracker(cfg, run_id, active=rank == 0)
+
+    batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.stage, cfg.seed * 1000 + rank)
+    preview = None
+    while step < cfg.steps:
+        started = time.perf_counter()
+        batch = next(batches).to(device, dtype)
+        if preview is None:
+            preview = batch
+        weight = gram_weight_at(step, cfg.steps, colorizer.config.diffusion) if cfg.stage == "backbone" else 0.0
+        losses = engine(batch, weight) if cfg.stage == "backbone" else engine(batch)
+        engine.backward(losses.loss)
+        engine.step()
+        step += 1
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - started
+        metrics = {"loss": losses.loss.item(), "diffusion_loss": losses.diffusion_loss.item(),
+                   "gram_loss": float(getattr(losses, "gram_loss", torch.zeros(())).item()), "gram_weight": weight,
+                   "lr": optimizer.param_groups[0]["lr"], "samples_per_s": cfg.batch_size * world / seconds,
+                   "gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else 0.0}
+        tracker.metrics(metrics, step)
+        if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
+            log_pictures(tracker, colorizer, preview, step)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            report_checkpoint(engine, step, tracker.run_id, metrics | {"step": step})
+
+    if rank == 0:
+        log_pictures(tracker, colorizer, preview, step)
+        export_model(cfg, stage)
+        tracker.metrics({"exported": 1.0}, step)
+        tracker.close()
+    ray.train.report({"step": step, "exported": cfg.export})
+
+
+def report_checkpoint(engine, step: int, run_id: str | None, metrics: dict) -> None:
+    """Every rank saves its ZeRO shard into its own folder; Ray merges the folders into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag="state", client_state={"step": step, "mlflow_run_id": run_id})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+@torch.no_grad()
+def log_pictures(tracker: Tracker, colorizer, batch: TrainingBatch, step: int, count: int = 2) -> None:
+    """Sample grid (sketch | reference's sketch | output with the rolled reference) and Gram heat maps of
+    the aligned and misaligned branches for the preview batch."""
+    if not tracker.active or batch is None:
+        return
+    from model.generate import generate_latents
+    from model.guidance import Guidance
+    from model.vae import decode_latents
+    from model.visualize import gram_heat_map, grid, sketch_image
+    from model.images import tensor_to_image
+
+    was_training = colorizer.unet.training
+    colorizer.unet.eval()
+    count = min(count, batch.latents.shape[0])
+    vae_device = next(colorizer.vae.parameters()).device
+    try:
+        context = colorizer.projector(batch.clip_tokens[:count], batch.tagger_tokens[:count])
+        rolled = torch.roll(context, 1, 0)
+        latents = generate_latents(colorizer.unet, colorizer.sketch_encoder, colorizer.config, context=rolled,
+                                   sketch=batch.sketch[:count], vector=batch.vector_condition[:count],
+                                   seeds=list(range(count)), steps=colorizer.config.sampling.steps,
+                                   guidance=Guidance(colorizer.config.sampling.reference_guidance, 1.0))
+        outputs = tensor_to_image(decode_latents(colorizer.vae, latents.to(vae_device)))
+        truth = tensor_to_image(decode_latents(colorizer.vae, batch.latents[:count].to(vae_device)))
+        rolled_truth = truth[-1:] + truth[:-1]
+        rows = [[sketch_image(batch.sketch[i]), rolled_truth[i], outputs[i], truth[i]] for i in range(count)]
+        tracker.image(grid(rows), f"samples/step_{step:07d}.png")
+
+        t = torch.full((count,), 500, device=batch.latents.device)
+        residuals = colorizer.sketch_encoder(batch.sketch[:count])
+        out = colorizer.unet(batch.latents[:count], t, context, batch.vector_condition[:count], residuals,
+                             misaligned_context=rolled)
+        maps = [[gram_heat_map(out.aligned_features[name][i]), gram_heat_map(out.misaligned_features[name][i])]
+                for i in range(count) for name in sorted(out.aligned_features)]
+        tracker.image(grid(maps, cell=96), f"gram/step_{step:07d}.png")
+    finally:
+        colorizer.unet.train(was_training)
+
+
+def export_model(cfg: TrainConfig, stage: nn.Module) -> Path:
+    """Consolidated model folder: the starting folder with the trained parts replaced (fp32)."""
+    from model.colorizer import Colorizer
+
+    final = Colorizer.from_pretrained(cfg.model)
+    trained = {k: v.detach().float().cpu() for k, v in stage.state_dict().items()}
+    if cfg.stage == "plugin":
+        from model.plugin import attach_trained_plugin
+
+        attach_trained_plugin(final, stage, trained)
+    else:
+        for name in ("unet", "sketch_encoder", "projector"):
+            prefix = f"{name}."
+            getattr(final, name).load_state_dict({k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)})
+    folder = final.save_pretrained(cfg.export)
+    (Path(folder) / "training.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return Path(folder)
+
+
+def local_rank_environment() -> dict:
+    """Environment fixes DeepSpeed needs on some images (see ../shared/docs/ray-notes.md)."""
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    return {"TORCH_CUDA_ARCH_LIST": arch.replace("a", "")} if arch.endswith("a") else {}
