@@ -77,13 +77,36 @@ class BackboneStage(nn.Module):
         return [p for m in (self.unet, self.sketch_encoder, self.projector) for p in m.parameters()]
 
 
-def build_stage(colorizer, cfg: TrainConfig) -> nn.Module:
-    if cfg.stage == "backbone":
-        stage = BackboneStage(colorizer)
-    else:
-        from model.plugin import PluginStage
+class PluginStage(nn.Module):
+    """Stage 2: only the plugin and the split-attention adapters train; the backbone is frozen."""
 
-        stage = PluginStage(colorizer, rank=cfg.plugin_rank)
+    def __init__(self, colorizer, rank: int):
+        from model.plugin import PluginConfig, attach_plugin, prepare_stage2
+
+        super().__init__()
+        if colorizer.plugin is None:
+            attach_plugin(colorizer, PluginConfig(lora_rank=rank))
+        self._trainable = prepare_stage2(colorizer)
+        self.unet = colorizer.unet
+        self.sketch_encoder = colorizer.sketch_encoder
+        self.projector = colorizer.projector
+        self.plugin = colorizer.plugin
+        self.noise_scheduler = colorizer.noise_scheduler
+        self.diffusion = colorizer.config.diffusion
+
+    def forward(self, batch: TrainingBatch, generator=None):
+        from model.plugin import plugin_training_step
+
+        return plugin_training_step(self, self.plugin, batch, self.noise_scheduler, self.diffusion, generator=generator)
+
+    def trainable_parameters(self):
+        return list(self._trainable)
+
+
+def build_stage(colorizer, cfg: TrainConfig) -> nn.Module:
+    """The module DeepSpeed wraps; its attribute names mirror ``Colorizer``'s, so its parameter names are
+    the exported model's."""
+    stage = BackboneStage(colorizer) if cfg.stage == "backbone" else PluginStage(colorizer, rank=cfg.plugin_rank)
     trainable = {id(p) for p in stage.trainable_parameters()}
     for p in stage.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -233,9 +256,10 @@ def train_loop_per_worker(config: dict) -> None:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             report_checkpoint(engine, step, tracker.run_id, metrics | {"step": step})
 
+    trained = full_precision_parameters(stage)  # a collective: every rank takes part
     if rank == 0:
         log_pictures(tracker, colorizer, preview, step)
-        export_model(cfg, stage)
+        export_model(cfg, trained)
         tracker.metrics({"exported": 1.0}, step)
         tracker.close()
     ray.train.report({"step": step, "exported": cfg.export})
@@ -290,20 +314,32 @@ def log_pictures(tracker: Tracker, colorizer, batch: TrainingBatch, step: int, c
         colorizer.unet.train(was_training)
 
 
-def export_model(cfg: TrainConfig, stage: nn.Module) -> Path:
-    """Consolidated model folder: the starting folder with the trained parts replaced (fp32)."""
+def full_precision_parameters(stage: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained parameters in fp32, assembled from DeepSpeed's partitioned master copies (under bf16 the
+    module itself holds only bf16 values)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = {}
+    for name, parameter in stage.named_parameters():
+        if parameter.requires_grad:
+            value = safe_get_full_fp32_param(parameter)
+            full[name] = (value if value is not None else parameter).detach().float().cpu()
+    return full
+
+
+def export_model(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> Path:
+    """Consolidated model folder: the starting folder (fp32) with the trained parameters replaced, so
+    frozen weights leave exactly as they came in."""
     from model.colorizer import Colorizer
 
     final = Colorizer.from_pretrained(cfg.model)
-    trained = {k: v.detach().float().cpu() for k, v in stage.state_dict().items()}
-    if cfg.stage == "plugin":
-        from model.plugin import attach_trained_plugin
+    if cfg.stage == "plugin" and final.plugin is None:
+        from model.plugin import PluginConfig, attach_plugin
 
-        attach_trained_plugin(final, stage, trained)
-    else:
-        for name in ("unet", "sketch_encoder", "projector"):
-            prefix = f"{name}."
-            getattr(final, name).load_state_dict({k[len(prefix):]: v for k, v in trained.items() if k.startswith(prefix)})
+        attach_plugin(final, PluginConfig(lora_rank=cfg.plugin_rank), copy_denoiser=False)
+    result = final.load_state_dict(trained, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeError(f"trained parameters not in the model: {result.unexpected_keys[:10]}")
     folder = final.save_pretrained(cfg.export)
     (Path(folder) / "training.json").write_text(json.dumps(asdict(cfg), indent=2))
     return Path(folder)
