@@ -21,11 +21,12 @@ from torch import nn
 
 from model import pretrained
 from model.config import ColorizerConfig
-from model.guidance import Guidance, guided_prediction
-from model.images import empty_sketch, image_to_tensor, sketch_to_tensor, tensor_to_image
+from model.generate import generate_latents
+from model.guidance import Guidance
+from model.images import image_to_tensor, sketch_to_tensor, tensor_to_image
 from model.projector import ReferenceProjector
 from model.reference_encoders import ClipImageEncoder, WDTagger, freeze, pad_to_square
-from model.sampler import dpmpp_sample, sampling_scheduler, training_scheduler
+from model.sampler import training_scheduler
 from model.sizes import fit_size, validate_size
 from model.sketch_encoder import SketchEncoder
 from model.unet import ColorizerUNet, build_unet, injection_points
@@ -247,18 +248,8 @@ class Colorizer(nn.Module):
         encoder_side = max(self.config.tagger.image_size, self.config.clip.image_size)
         reference = torch.cat([_square_reference(image_to_tensor(x), encoder_side) for x in references])
         context = self.encode_reference(reference) * reference_strength
-        residuals = self.sketch_encoder(sketch, sketch_strengths)
         vector = vector_condition(height, width, aesthetic_score or s.aesthetic_score, batch=batch, device=device)
-
         conditions = guidance.conditions
-        contexts = {"full": context, "no_reference": torch.zeros_like(context), "no_sketch": context}
-        if "no_sketch" in conditions:
-            empty = self.sketch_encoder(empty_sketch(batch, height, width, device, dtype), sketch_strengths)
-        per_condition = {"full": residuals, "no_reference": residuals, "no_sketch": empty if "no_sketch" in conditions else None}
-        k = len(conditions)
-        stacked_context = torch.cat([contexts[c] for c in conditions])
-        stacked_residuals = [torch.cat([per_condition[c][i] for c in conditions]) for i in range(points)]
-        stacked_vector = vector.repeat(k, 1)
 
         split_kwargs = None
         if use_plugin:  # the plugin runs here, once; its features serve every step
@@ -283,19 +274,9 @@ class Colorizer(nn.Module):
                                                   foreground_strength=foreground_strength,
                                                   background_strength=background_strength, mask_threshold=threshold)
 
-        def denoise(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            t = timestep.expand(batch * k)
-            out = self.unet(latents.repeat(k, 1, 1, 1).to(dtype), t, stacked_context, stacked_vector,
-                            stacked_residuals, cross_attention_kwargs=split_kwargs)
-            predictions = dict(zip(conditions, out.prediction.float().chunk(k)))
-            return guided_prediction(predictions, guidance)
-
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-        latent_shape = (self.config.unet.latent_channels, height // self.config.latent_stride,
-                        width // self.config.latent_stride)
-        noise = torch.stack([torch.randn(latent_shape, generator=g) for g in generators]).to(device)
-        scheduler = sampling_scheduler(self.config.diffusion)
-        latents = dpmpp_sample(denoise, noise, scheduler, steps, generator=generators)
+        latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context, sketch=sketch,
+                                   vector=vector, seeds=seeds, steps=steps, guidance=guidance,
+                                   sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs)
         return tensor_to_image(decode_latents(self.vae, latents))
 
 
