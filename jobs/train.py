@@ -28,7 +28,7 @@ import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
 from pipelines.train_loop import STAGES, TrainConfig, local_rank_environment, train_loop_per_worker  # noqa: E402
-from pipelines.training_data import columns_for  # noqa: E402
+from pipelines.training_data import columns_for, steps_per_epoch  # noqa: E402
 
 
 def absolute(path: str) -> str:
@@ -62,7 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_manifest(dataset: str) -> dict:
+    import fsspec
+
+    with fsspec.open(f"{dataset.rstrip('/')}/manifest.json", "rb") as f:
+        manifest = json.loads(f.read())
+    if not manifest.get("complete"):
+        raise SystemExit(f"{dataset} is not a finished dataset ({manifest.get('shards_done')}/{manifest.get('shards')} "
+                         "shards): finish jobs/preprocess.py first")
+    return manifest
+
+
 def make_trainer(args) -> TorchTrainer:
+    manifest = read_manifest(absolute(args.data))
     tracking = args.mlflow_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
     cfg = TrainConfig(
         stage=args.stage, model=absolute(args.model), dataset=absolute(args.data), export=absolute(args.export),
@@ -72,6 +84,7 @@ def make_trainer(args) -> TorchTrainer:
         run_name=args.run_name, extra_params={"workers": args.workers, "gpu": args.gpu,
                                               "global_batch": args.batch_size * args.workers},
     )
+    cfg.steps_per_epoch = steps_per_epoch(manifest["rows"] // args.workers, len(manifest["buckets"]), args.batch_size)
     dataset = ray.data.read_parquet(f"{cfg.dataset.rstrip('/')}/data", columns=columns_for(cfg.stage))
     resources = {"CPU": args.cpus_per_worker} | ({"GPU": 1} if args.gpu else {})
     return TorchTrainer(

@@ -226,6 +226,14 @@ def tiny() -> ColorizerConfig:
 PRESETS = {"tiny": tiny, "sdxl": sdxl}
 
 
+def preset_name(config: ColorizerConfig) -> str:
+    """The preset a config equals, ignoring the tag count (a loaded tagger brings its own): for logs."""
+    for name, make in PRESETS.items():
+        if config.replace(tagger={"num_tags": make().tagger.num_tags}) == make():
+            return name
+    return "custom"
+
+
 def get_preset(name: str) -> ColorizerConfig:
     try:
         return PRESETS[name]()

@@ -36,6 +36,7 @@ class TrainConfig:
     export: str  # where the consolidated model folder goes at the end
     steps: int = 1000
     batch_size: int = 16  # per worker
+    steps_per_epoch: int = 1  # the same on every worker; jobs/train.py derives it from the dataset manifest
     lr: float = 1e-5
     weight_decay: float = 0.01
     gradient_clipping: float = 1.0
@@ -182,21 +183,19 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def batches_forever(shard, cfg: TrainConfig, stage: str, seed: int):
-    """Epoch after epoch of single-bucket batches from this worker's dataset shard."""
-    from pipelines.training_data import bucketed_batches, rows_of
+def batches_forever(shard, cfg: TrainConfig, seed: int):
+    """Epoch after epoch of single-bucket batches from this worker's dataset shard, the same number per
+    epoch on every worker (``cfg.steps_per_epoch``)."""
+    import random
 
-    epoch = 0
+    from pipelines.training_data import BucketBatcher, epoch_batches, rows_of
+
+    batcher, rng, epoch = BucketBatcher(cfg.batch_size), random.Random(seed), 0
     while True:
         rows = rows_of(shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
                                           local_shuffle_seed=seed + epoch))
-        produced = False
-        for batch in bucketed_batches(rows, cfg.batch_size, seed=seed + epoch, aesthetic_score=cfg.aesthetic_score,
-                                      stage=stage):
-            produced = True
-            yield batch
-        if not produced:
-            raise RuntimeError(f"no bucket of this worker's data shard holds {cfg.batch_size} rows: lower --batch-size")
+        yield from epoch_batches(rows, batcher, cfg.steps_per_epoch, rng=rng, aesthetic_score=cfg.aesthetic_score,
+                                 stage=cfg.stage)
         epoch += 1
 
 
@@ -205,6 +204,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
     from model.colorizer import Colorizer
+    from model.config import preset_name
 
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
@@ -214,6 +214,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     colorizer = Colorizer.from_pretrained(cfg.model)
+    cfg.extra_params.setdefault("preset", preset_name(colorizer.config))
     stage = build_stage(colorizer, cfg)
     stage.to(device)
     optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
@@ -231,7 +232,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] resumed from step {step} of {cfg.steps}", flush=True)
     tracker = Tracker(cfg, run_id, active=rank == 0)
 
-    batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.stage, cfg.seed * 1000 + rank)
+    batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.seed * 1000 + rank)
     preview = None
     while step < cfg.steps:
         started = time.perf_counter()

@@ -5,6 +5,8 @@ rows into :class:`model.objective.TrainingBatch` es here. Two rules:
 
 * every batch comes from one aspect bucket, so latents and sketches stack without padding: rows are
   buffered per bucket and a batch leaves as soon as its bucket has ``batch_size`` rows;
+* every worker takes the same number of batches from every epoch (:func:`steps_per_epoch`), since
+  the workers step together and their data splits start each epoch together;
 * the sketch of each sample is one of its stored variants, drawn at random each time the row is seen,
   so the model meets every line style of every image over the epochs.
 """
@@ -68,19 +70,52 @@ def collate(samples: list[dict]) -> TrainingBatch:
     return TrainingBatch(**stacked)
 
 
-def bucketed_batches(rows: Iterable[dict], batch_size: int, *, seed: int, aesthetic_score: float = 7.0,
-                     stage: str = "backbone") -> Iterator[TrainingBatch]:
-    """Single-bucket batches from a stream of rows; leftovers smaller than a batch are dropped at the end
-    of the stream (they come back in the next epoch, shuffled differently)."""
-    rng = random.Random(seed)
-    pending: dict[tuple[int, int], list[dict]] = {}
+class BucketBatcher:
+    """Per-bucket buffers of decoded samples; a batch is ready when its bucket holds ``batch_size``.
+    Buffers persist across epochs, so rows left over at an epoch's end are used in the next one."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.pending: dict[tuple[int, int], list[dict]] = {}
+
+    def add(self, sample: dict) -> None:
+        self.pending.setdefault(sample["bucket"], []).append(sample)
+
+    def pop(self) -> TrainingBatch | None:
+        for bucket, samples in self.pending.items():
+            if len(samples) >= self.batch_size:
+                self.pending[bucket] = samples[self.batch_size:]
+                return collate(samples[: self.batch_size])
+        return None
+
+
+def steps_per_epoch(rows_per_worker: int, buckets: int, batch_size: int) -> int:
+    """Batches every worker can surely form from one epoch of its split, whatever the bucket mix: at most
+    ``batch_size - 1`` rows per bucket can be left over. Data-parallel workers step in lockstep, and Ray
+    Data starts a split's next epoch only when all workers ask for it, so every worker takes exactly
+    this many batches per epoch (and keeps the rest for the next)."""
+    steps = (rows_per_worker - buckets * (batch_size - 1)) // batch_size
+    if steps < 1:
+        raise ValueError(f"{rows_per_worker} rows per worker in {buckets} buckets cannot guarantee a batch of "
+                         f"{batch_size} per epoch: lower the batch size or use fewer workers")
+    return steps
+
+
+def epoch_batches(rows: Iterable[dict], batcher: BucketBatcher, steps: int, *, rng: random.Random,
+                  aesthetic_score: float = 7.0, stage: str = "backbone") -> Iterator[TrainingBatch]:
+    """Exactly ``steps`` single-bucket batches from one epoch of rows (plus what earlier epochs left);
+    the epoch is read to its end either way, as Ray Data's split iterators require."""
+    produced = 0
     for row in rows:
-        sample = decode_sample(row, rng, aesthetic_score, stage)
-        group = pending.setdefault(sample["bucket"], [])
-        group.append(sample)
-        if len(group) == batch_size:
-            yield collate(group)
-            pending[sample["bucket"]] = []
+        batcher.add(decode_sample(row, rng, aesthetic_score, stage))
+        while produced < steps and (batch := batcher.pop()) is not None:
+            produced += 1
+            yield batch
+    while produced < steps and (batch := batcher.pop()) is not None:
+        produced += 1
+        yield batch
+    if produced < steps:
+        raise RuntimeError(f"an epoch gave {produced} batches, fewer than the {steps} promised")
 
 
 def rows_of(batches: Iterable[dict]) -> Iterator[dict]:

@@ -76,6 +76,14 @@ def test_configs_round_trip_and_reject_unknown_keys():
         get_preset("huge")
 
 
+def test_preset_names_are_recognized_from_numbers():
+    from model.config import preset_name
+
+    assert preset_name(tiny()) == "tiny" and preset_name(sdxl()) == "sdxl"
+    assert preset_name(tiny().replace(tagger={"num_tags": 10861})) == "tiny"
+    assert preset_name(tiny().replace(unet={"layers_per_block": 2})) == "custom"
+
+
 def test_size_multiple_is_latent_stride_times_unet_downsampling():
     assert sdxl().latent_stride == 8 and sdxl().size_multiple == 32
     assert tiny().latent_stride == 8 and tiny().size_multiple == 32

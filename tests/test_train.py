@@ -26,16 +26,19 @@ def data(tmp_path_factory):
     from init_model import init_model
     from make_corpus import make_corpus
 
+    from pipelines.dataset import completed_shards, load_or_create_plan, write_manifest
     from pipelines.preprocess import PreprocessConfig, ShardEncoder, process_shard
-    from pipelines.sources import list_inputs, plan_shards
 
     root = tmp_path_factory.mktemp("train")
     make_corpus(root / "corpus", count=24)
     base = init_model(root / "base", "tiny", seed=0)
     cfg = PreprocessConfig(preset="tiny", shard_size=12, encoders=str(base), latent_views=("target", "reference"))
+    output = str(root / "dataset")
+    plan = load_or_create_plan(str(root / "corpus"), output, cfg)
     encoder = ShardEncoder(cfg)
-    for k, shard in enumerate(plan_shards(list_inputs(str(root / "corpus")).items, 12)):
-        process_shard(str(root / "dataset"), k, shard, cfg, encoder)
+    for k, shard in enumerate(plan.shards):
+        process_shard(output, k, shard, cfg, encoder)
+    assert write_manifest(output, cfg, plan, completed_shards(output))["complete"]
     return root
 
 
@@ -81,6 +84,7 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     assert len(runs) == 1
     run = runs[0]
     assert run.data.params["stage"] == "backbone" and run.data.params["workers"] == "2"
+    assert run.data.params["preset"] == "tiny" and run.data.params["global_batch"] == "4"
     gram = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "gram_loss")}
     weight = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "gram_weight")}
     assert max(gram) == 9
