@@ -63,8 +63,36 @@ def gram_weight_at(step: int, total_steps: int, cfg: DiffusionConfig) -> float:
     return cfg.gram_weight if step >= int(cfg.gram_start_fraction * total_steps) else 0.0
 
 
-def _rand(shape, generator, device):
-    return torch.rand(shape, generator=generator, device=device)
+@dataclass
+class NoisedBatch:
+    """The random draws of one step: noised latents, their timesteps and target, the sketch after
+    dropout and the per-sample reference keep mask (B, 1, 1)."""
+
+    noisy: torch.Tensor
+    timesteps: torch.Tensor
+    target: torch.Tensor
+    sketch: torch.Tensor
+    keep_reference: torch.Tensor
+
+
+def noise_and_dropout(batch: TrainingBatch, scheduler: DDPMScheduler, cfg: DiffusionConfig,
+                      generator: torch.Generator | None = None) -> NoisedBatch:
+    """Offset noise, uniform timesteps, the v-prediction target, sketch and reference dropout; drawn in
+    this order from ``generator`` so every stage reproduces the same draws under a seed."""
+    latents = batch.latents
+    batch_size, channels = latents.shape[:2]
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    if cfg.offset_noise:
+        offset = torch.randn((batch_size, channels, 1, 1), generator=generator, device=device, dtype=latents.dtype)
+        noise = noise + cfg.offset_noise * offset
+    timesteps = torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=generator, device=device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = scheduler.get_velocity(latents, noise, timesteps) if cfg.prediction_type == "v_prediction" else noise
+    drop_sketch = torch.rand((batch_size, 1, 1, 1), generator=generator, device=device) < cfg.sketch_dropout
+    sketch = torch.where(drop_sketch, torch.full_like(batch.sketch, -1.0), batch.sketch)
+    keep = (torch.rand((batch_size, 1, 1), generator=generator, device=device) >= cfg.reference_dropout)
+    return NoisedBatch(noisy, timesteps, target, sketch, keep.to(latents.dtype))
 
 
 def training_step(
@@ -79,28 +107,14 @@ def training_step(
     """Losses of one stage-1 step for ``model`` (anything with ``sketch_encoder``, ``projector``, ``unet``
     as in :class:`model.colorizer.Colorizer`). ``generator`` (on the batch's device) fixes noise, timesteps
     and dropout draws, for tests and reproducible benches."""
-    latents = batch.latents
-    batch_size, channels = latents.shape[:2]
-    device = latents.device
-
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if cfg.offset_noise:
-        offset = torch.randn((batch_size, channels, 1, 1), generator=generator, device=device, dtype=latents.dtype)
-        noise = noise + cfg.offset_noise * offset
-    timesteps = torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=generator, device=device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = scheduler.get_velocity(latents, noise, timesteps) if cfg.prediction_type == "v_prediction" else noise
-
-    drop_sketch = _rand((batch_size, 1, 1, 1), generator, device) < cfg.sketch_dropout
-    sketch = torch.where(drop_sketch, torch.full_like(batch.sketch, -1.0), batch.sketch)
-    keep_reference = (_rand((batch_size, 1, 1), generator, device) >= cfg.reference_dropout).to(latents.dtype)
-
-    residuals = model.sketch_encoder(sketch)
-    context = model.projector(batch.clip_tokens, batch.tagger_tokens) * keep_reference
+    drawn = noise_and_dropout(batch, scheduler, cfg, generator)
+    residuals = model.sketch_encoder(drawn.sketch)
+    context = model.projector(batch.clip_tokens, batch.tagger_tokens) * drawn.keep_reference
     misaligned = torch.roll(context, shifts=1, dims=0) if gram_weight > 0 else None
 
-    out = model.unet(noisy, timesteps, context, batch.vector_condition, residuals, misaligned_context=misaligned)
-    diffusion = F.mse_loss(out.prediction.float(), target.float())
+    out = model.unet(drawn.noisy, drawn.timesteps, context, batch.vector_condition, residuals,
+                     misaligned_context=misaligned)
+    diffusion = F.mse_loss(out.prediction.float(), drawn.target.float())
     if misaligned is not None:
         gram = gram_loss(out.aligned_features, out.misaligned_features)
     else:

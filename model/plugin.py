@@ -30,7 +30,7 @@ from torch import nn
 from model import pretrained
 from model.config import DiffusionConfig, UNetConfig
 from model.images import to_rgb_array
-from model.objective import StepLosses, TrainingBatch
+from model.objective import StepLosses, TrainingBatch, noise_and_dropout
 from model.split_attention import (adapter_modules, adapter_parameters, decoder_self_attention_names,
                                    install_split_attention, split_attention_kwargs)
 from model.unet import unet_kwargs
@@ -191,24 +191,11 @@ def plugin_training_step(model, plugin: ReferencePlugin, batch: TrainingBatch, s
     missing = [f for f in ("reference_latents", "sketch_mask", "reference_mask") if getattr(batch, f) is None]
     if missing:
         raise ValueError(f"a stage-2 batch needs {missing}; the preprocess cache must include them")
-    latents = batch.latents
-    batch_size, channels = latents.shape[:2]
-    device = latents.device
-
-    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
-    if cfg.offset_noise:
-        offset = torch.randn((batch_size, channels, 1, 1), generator=generator, device=device, dtype=latents.dtype)
-        noise = noise + cfg.offset_noise * offset
-    timesteps = torch.randint(0, cfg.num_train_timesteps, (batch_size,), generator=generator, device=device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    target = scheduler.get_velocity(latents, noise, timesteps) if cfg.prediction_type == "v_prediction" else noise
-
-    drop_sketch = torch.rand((batch_size, 1, 1, 1), generator=generator, device=device) < cfg.sketch_dropout
-    keep_reference = torch.rand((batch_size, 1, 1), generator=generator, device=device) >= cfg.reference_dropout
+    drawn = noise_and_dropout(batch, scheduler, cfg, generator)
+    noisy, timesteps, target = drawn.noisy, drawn.timesteps, drawn.target
     with torch.no_grad():
-        sketch = torch.where(drop_sketch, torch.full_like(batch.sketch, -1.0), batch.sketch)
-        residuals = model.sketch_encoder(sketch)
-        context = model.projector(batch.clip_tokens, batch.tagger_tokens) * keep_reference.to(latents.dtype)
+        residuals = model.sketch_encoder(drawn.sketch)
+        context = model.projector(batch.clip_tokens, batch.tagger_tokens) * drawn.keep_reference
 
     features = plugin(batch.reference_latents, batch.sketch_mask, batch.reference_mask, batch.vector_condition)
     kwargs = split_attention_kwargs(batch.sketch_mask, batch.reference_mask, features,
