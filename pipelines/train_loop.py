@@ -218,7 +218,7 @@ def train_loop_per_worker(config: dict) -> None:
     stage = build_stage(colorizer, cfg)
     stage.to(device)
     optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, fused=on_gpu)
     engine, _, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu))
     dtype = torch.bfloat16 if on_gpu else torch.float32
 

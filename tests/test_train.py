@@ -89,7 +89,9 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     weight = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "gram_weight")}
     assert max(gram) == 9
     assert all(weight[s] == 0.0 and gram[s] == 0.0 for s in (1, 2))  # λ = 0 for the first 33% of 9 steps
-    assert all(weight[s] == 1.0 and gram[s] > 0.0 for s in range(3, 10))
+    assert all(weight[s] == 1.0 and gram[s] >= 0.0 for s in range(3, 10))
+    # positive on average: a single step can be 0 when reference dropout zeroes both contexts of a pair
+    assert sum(gram[s] for s in range(3, 10)) > 0.0
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
     assert losses and all(np.isfinite(losses))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
@@ -140,5 +142,7 @@ def test_plugin_stage_trains_only_the_plugin_and_adapters(data):
     assert not np.array_equal(on, off)
 
     client, runs = mlflow_runs(data)
-    stages = {run.data.params["stage"] for run in runs}
-    assert stages == {"backbone", "plugin"}
+    by_stage = {run.data.params["stage"]: run for run in runs}
+    assert set(by_stage) == {"backbone", "plugin"}
+    plugin_losses = [m.value for m in client.get_metric_history(by_stage["plugin"].info.run_id, "loss")]
+    assert len(plugin_losses) == 3 and all(np.isfinite(plugin_losses))
