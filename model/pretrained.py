@@ -193,12 +193,15 @@ def check_and_load(
     state_dict: Mapping[str, torch.Tensor],
     source_path: PathLike,
     allow_shape_mismatch_prefixes: tuple[str, ...] = (),
+    optional_suffixes: tuple[str, ...] = (),
 ) -> LoadReport:
     """Load ``state_dict`` into ``module`` strictly, or raise a ``ValueError`` that says what does not fit.
 
     The error names ``source_path`` and lists (up to ten of) the missing keys with the shape the model
     expects, the unexpected keys with the shape found, and the shape mismatches with both. Shape
     mismatches under ``allow_shape_mismatch_prefixes`` keep the module's tensor and are reported instead.
+    Module tensors whose names end with ``optional_suffixes`` (e.g. BatchNorm's ``num_batches_tracked``,
+    which some exporters drop) may be absent from the file and keep their current value.
     """
     source_path = Path(source_path)
     expected = module.state_dict()
@@ -227,7 +230,10 @@ def check_and_load(
                 recomputed.append(key)
         else:
             unexpected.append(key)
-    missing = [key for key in expected if key not in state_dict]
+    missing = [key for key in expected if key not in state_dict and not key.endswith(tuple(optional_suffixes))]
+    for key in expected:
+        if key not in state_dict and key.endswith(tuple(optional_suffixes)):
+            to_load[key] = expected[key]
 
     if missing or unexpected or mismatched:
         parts = [f"{source_path}: weights do not fit the {type(module).__name__} built from the config"]

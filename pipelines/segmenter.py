@@ -39,6 +39,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from model.pretrained import check_and_load
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -352,28 +354,7 @@ def load_isnet_state(net: ISNetDIS, state: Mapping[str, torch.Tensor], path: Pat
     shape mismatches (both). Only BatchNorm's ``num_batches_tracked`` counters may be absent (some
     converters drop integer tensors; inference never reads them).
     """
-    expected = net.state_dict()
-    missing = [key for key in expected if key not in state and not key.endswith(".num_batches_tracked")]
-    unexpected = [key for key in state if key not in expected]
-    mismatched = [key for key in state if key in expected and tuple(state[key].shape) != tuple(expected[key].shape)]
-    if missing or unexpected or mismatched:
-        parts = [f"{path}: weights do not fit ISNetDIS(width={net.width})"]
-        if missing:
-            rows = [f"{key}: expected {tuple(expected[key].shape)}" for key in missing]
-            parts.append(f"  {len(missing)} missing from the file:{_listing(rows)}")
-        if unexpected:
-            rows = [f"{key}: found {tuple(state[key].shape)}" for key in unexpected]
-            parts.append(f"  {len(unexpected)} unexpected in the file:{_listing(rows)}")
-        if mismatched:
-            rows = [
-                f"{key}: expected {tuple(expected[key].shape)}, found {tuple(state[key].shape)}" for key in mismatched
-            ]
-            parts.append(f"  {len(mismatched)} with a different shape:{_listing(rows)}")
-        raise ValueError("\n".join(parts))
-    complete = dict(state)
-    for key, value in expected.items():
-        complete.setdefault(key, value)  # only absent num_batches_tracked counters get here
-    net.load_state_dict(complete, strict=True)
+    check_and_load(net, state, path, optional_suffixes=(".num_batches_tracked",))
 
 
 def load_segmenter(
