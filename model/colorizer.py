@@ -37,6 +37,7 @@ FORMAT_NAME = "colorize-xl"
 FORMAT_VERSION = 1
 TRAINABLE = ("unet", "sketch_encoder", "projector")
 FROZEN = ("tagger", "clip", "vae")
+OPTIONAL_PARTS = ("unet", "vae", "tagger", "clip")  # may be left out of a load (see from_pretrained)
 
 
 @dataclass(frozen=True)
@@ -74,19 +75,33 @@ class Colorizer(nn.Module):
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
-    def from_config(cls, config: ColorizerConfig, pretrained_paths: PretrainedPaths | None = None) -> "Colorizer":
-        """Fresh model; published parts are loaded where ``pretrained_paths`` names them."""
+    def from_config(cls, config: ColorizerConfig, pretrained_paths: PretrainedPaths | None = None,
+                    placeholders: tuple[str, ...] = ()) -> "Colorizer":
+        """Fresh model; published parts are loaded where ``pretrained_paths`` names them. Parts named in
+        ``placeholders`` (from :data:`OPTIONAL_PARTS`) are built on the meta device: right shapes, no memory,
+        unusable until loaded (a trainer needs no tagger, a preprocess encoder no U-Net)."""
         paths = pretrained_paths or PretrainedPaths()
-        unet = pretrained.load_unet(paths.unet, config.unet) if paths.unet else None
-        vae = pretrained.load_vae(paths.vae, config.vae) if paths.vae else None
-        tagger = None
+        unknown = set(placeholders) - set(OPTIONAL_PARTS)
+        if unknown:
+            raise ValueError(f"only {OPTIONAL_PARTS} can be left out, not {sorted(unknown)}")
+        parts: dict = dict.fromkeys(OPTIONAL_PARTS)
+        with torch.device("meta"):
+            builders = {"unet": lambda: build_unet(config.unet), "vae": lambda: build_vae(config.vae),
+                        "tagger": lambda: WDTagger(config.tagger), "clip": lambda: ClipImageEncoder(config.clip)}
+            for name in placeholders:
+                parts[name] = builders[name]()
+        if paths.unet:
+            parts["unet"] = pretrained.load_unet(paths.unet, config.unet)
+        if paths.vae:
+            parts["vae"] = pretrained.load_vae(paths.vae, config.vae)
         if paths.tagger_weights or paths.tagger_tags:
             if not (paths.tagger_weights and paths.tagger_tags):
                 raise ValueError("the WD-Tagger needs both its weights file and its selected_tags.csv")
-            tagger = pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger)
-            config = config.replace(tagger={"num_tags": len(tagger.tags)})
-        clip = pretrained.load_clip_vision(paths.clip, config.clip) if paths.clip else None
-        return cls(config, unet=unet, vae=vae, tagger=tagger, clip=clip)
+            parts["tagger"] = pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger)
+            config = config.replace(tagger={"num_tags": len(parts["tagger"].tags)})
+        if paths.clip:
+            parts["clip"] = pretrained.load_clip_vision(paths.clip, config.clip)
+        return cls(config, **parts)
 
     def train(self, mode: bool = True) -> "Colorizer":
         super().train(mode)
@@ -107,6 +122,9 @@ class Colorizer(nn.Module):
 
     # ------------------------------------------------------------------------------------- folder format
     def save_pretrained(self, folder: str | Path) -> Path:
+        left_out = [n for n in OPTIONAL_PARTS if any(p.is_meta for p in getattr(self, n).parameters())]
+        if left_out:
+            raise ValueError(f"this model was loaded without {left_out}; load it whole to save it")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         if self.plugin is not None:  # the unet folder stays stock diffusers; adapters go to plugin/
@@ -141,8 +159,12 @@ class Colorizer(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device=None, dtype=None) -> "Colorizer":
+    def from_pretrained(cls, folder: str | Path, device=None, dtype=None,
+                        components: tuple[str, ...] | None = None) -> "Colorizer":
+        """Load a model folder. ``components`` limits which of :data:`OPTIONAL_PARTS` are read (the rest
+        stay meta placeholders); the sketch encoder, projector and plugin are always loaded."""
         folder = Path(folder)
+        placeholders = tuple(p for p in OPTIONAL_PARTS if components is not None and p not in components)
         manifest_path = folder / "config.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{folder} is not a colorize-xl model folder: {manifest_path} is missing")
@@ -152,13 +174,14 @@ class Colorizer(nn.Module):
         if manifest.get("version", 0) > FORMAT_VERSION:
             raise ValueError(f"{manifest_path} is format version {manifest['version']}; this code reads up to {FORMAT_VERSION}")
         config = ColorizerConfig.from_dict(manifest["config"])
+        wanted = {part: part not in placeholders for part in OPTIONAL_PARTS}
         model = cls.from_config(config, PretrainedPaths(
-            unet=folder / "unet",
-            vae=folder / "vae",
-            tagger_weights=folder / "tagger" / "model.safetensors",
-            tagger_tags=folder / "tagger" / "selected_tags.csv",
-            clip=folder / "clip" / "model.safetensors",
-        ))
+            unet=folder / "unet" if wanted["unet"] else None,
+            vae=folder / "vae" if wanted["vae"] else None,
+            tagger_weights=folder / "tagger" / "model.safetensors" if wanted["tagger"] else None,
+            tagger_tags=folder / "tagger" / "selected_tags.csv" if wanted["tagger"] else None,
+            clip=folder / "clip" / "model.safetensors" if wanted["clip"] else None,
+        ), placeholders=placeholders)
         for component in ("sketch_encoder", "projector"):
             path = folder / component / "model.safetensors"
             pretrained.check_and_load(getattr(model, component), pretrained.read_state_dict(path), path)
@@ -166,7 +189,10 @@ class Colorizer(nn.Module):
             from model.plugin import load_plugin
 
             load_plugin(model, folder / "plugin")
-        return model.to(device=device, dtype=dtype).eval()
+        for name, child in model.named_children():  # placeholders stay on the meta device
+            if name not in placeholders:
+                child.to(device=device, dtype=dtype)
+        return model.eval()
 
     # ---------------------------------------------------------------------------------------- inference
     def output_size(self, sketch_size: tuple[int, int], size: tuple[int, int] | None) -> tuple[int, int]:

@@ -191,7 +191,7 @@ class ShardEncoder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if cfg.encoders:
-            model = Colorizer.from_pretrained(cfg.encoders)
+            model = Colorizer.from_pretrained(cfg.encoders, components=("tagger", "clip", "vae"))
         else:
             raise ValueError("the encoder stage needs --encoders: a colorize-xl model folder holding the frozen "
                              "WD-Tagger, OpenCLIP tower and VAE (see jobs/init_model.py)")

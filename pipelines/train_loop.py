@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
     on_gpu = device.type == "cuda"
     torch.manual_seed(cfg.seed + rank)
 
-    colorizer = Colorizer.from_pretrained(cfg.model)
+    colorizer = Colorizer.from_pretrained(cfg.model, components=("unet", "vae"))  # no frozen encoders: cached
     cfg.extra_params.setdefault("preset", preset_name(colorizer.config))
     stage = build_stage(colorizer, cfg)
     stage.to(device)

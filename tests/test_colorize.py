@@ -133,3 +133,16 @@ def test_colorize_runs_in_bfloat16(tiny_colorizer, drawing_pair, tmp_path):
     reference = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0, size=(64, 64))
     assert image.size == (64, 64)
     assert np.abs(pixels(image) - pixels(reference)).mean() < 12  # same picture up to bf16 rounding
+
+
+def test_a_partial_load_reads_only_the_named_parts(tiny_colorizer, tmp_path):
+    folder = tiny_colorizer.save_pretrained(tmp_path / "model")
+    encoders = Colorizer.from_pretrained(folder, components=("tagger", "clip", "vae"))
+    assert all(p.is_meta for p in encoders.unet.parameters())
+    for name in ("tagger", "clip", "vae", "sketch_encoder", "projector"):
+        for key, tensor in getattr(tiny_colorizer, name).state_dict().items():
+            assert torch.equal(getattr(encoders, name).state_dict()[key], tensor), f"{name}.{key}"
+    with pytest.raises(ValueError, match="loaded without \\['unet'\\]"):
+        encoders.save_pretrained(tmp_path / "copy")
+    with pytest.raises(ValueError, match="can be left out"):
+        Colorizer.from_config(tiny_colorizer.config, placeholders=("projector",))
