@@ -28,6 +28,8 @@ as an ordinary drawing: dark lines (0) on white (1). The model consumes inverted
 
 from __future__ import annotations
 
+import abc
+
 import math
 import os
 from dataclasses import dataclass
@@ -55,19 +57,19 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _SAFETENSORS_SUFFIX = ".safetensors"
 
 
-class _LineNet(nn.Module):
+class _LineNet(nn.Module, abc.ABC):
     """Interface the wrapper relies on. Subclasses hold the published layers (and nothing else with state)."""
 
     pad_multiple: int = 1  # spatial size the network needs (product of its strides)
     min_size: int = 1  # smallest padded side that keeps every padding/normalization layer valid
 
+    @abc.abstractmethod
     def prepare(self, rgb: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in [0, 1] -> the network's input batch (its own normalization)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to_drawing(self, raw: torch.Tensor, batch: int) -> torch.Tensor:
         """Network output (cropped to H, W) -> (batch, 1, H, W) drawing, dark lines on white, not yet clamped."""
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------------------------
