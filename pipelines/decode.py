@@ -51,14 +51,19 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
 
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/WebP/APNG: the first frame is the illustration
-    try:
-        image = ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError):
-        pass  # a broken EXIF block leaves the pixels valid; keep them as stored
+    image = upright(image)
     width, height = image.size
     if min(width, height) < min_side:
         raise DecodeError(f"too small: {width}x{height} (each side must be at least {min_side})")
     return to_rgb(image)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a damaged EXIF block leaves the pixels valid, so they are kept as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError):
+        return image
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
