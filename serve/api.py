@@ -14,7 +14,11 @@ Routes (errors are JSON ``{"error": message, "status": code}``):
   (both or neither; neither = the sketch's aspect at the preset's default area), ``reference_guidance``
   and ``sketch_guidance`` (0..30), ``reference_strength`` (0..2), ``plugin`` (on/off; default on when
   the model has one), ``format`` (``png``: image/png with the parameters in ``X-*`` headers;
-  ``json``: ``{"image": base64 PNG, "parameters": {...}}``).
+  ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch is a
+  colored or photographed drawing; its lines are extracted first with ``line_extractor``, one of the
+  weight-free extractors of :mod:`pipelines.sketches`, default ``xdog``).
+- ``GET /``: the artists' web page (``serve/static/index.html``); it needs no token to load, and sends the
+  one typed into it with each call.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ import hmac
 import io
 import json
 import secrets
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
@@ -39,6 +45,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.sizes import fit_size, validate_size
 from pipelines.decode import DecodeError, decode_image
+from pipelines.sketches import CLASSIC_EXTRACTORS
+
+PAGE = Path(__file__).with_name("static") / "index.html"
 
 MAX_STEPS = 100
 MAX_SEED = 2**63 - 1
@@ -123,6 +132,7 @@ class Job:
     sketch_guidance: float
     reference_strength: float
     plugin: bool
+    line_extractor: str | None = None  # the sketch's lines were extracted with this first (None: used as sent)
 
     def parameters(self) -> dict[str, Any]:
         used = {k: v for k, v in asdict(self).items() if k not in IMAGE_FIELDS}
@@ -146,7 +156,7 @@ class Settings:
     max_body_bytes: int = 32 * 1024 * 1024  # a whole request, images included
     max_input_pixels: int = 4096 * 4096  # per uploaded image, checked from its header before decoding
     api_token: str | None = None  # bearer token; None or "" = no auth
-    open_paths: tuple[str, ...] = field(default=("/healthz",))
+    open_paths: tuple[str, ...] = field(default=("/healthz", "/"))
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -163,6 +173,8 @@ class ColorizeParams(BaseModel):
     sketch_guidance: float | None = Field(None, ge=0.0, le=30.0)
     reference_strength: float = Field(1.0, ge=0.0, le=2.0)
     plugin: bool | None = None
+    extract_lines: bool = False
+    line_extractor: Literal[tuple(CLASSIC_EXTRACTORS)] = "xdog"
     format: Literal["png", "json"] = "png"
 
     @model_validator(mode="after")
@@ -194,6 +206,12 @@ def _decode(name: str, data: bytes, max_pixels: int) -> np.ndarray:
         reason = str(err)
         status = 413 if reason.startswith(("too many pixels", "decompression bomb")) else 422
         raise ApiError(status, f"{name}: {reason}") from None
+
+
+def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
+    """A colored or photographed drawing → its line drawing (dark lines on white, RGB), as the model expects."""
+    lines = CLASSIC_EXTRACTORS[extractor](image)
+    return np.repeat(lines[..., None], 3, axis=2)
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -246,6 +264,12 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
                                    f"{settings.max_body_bytes} bytes")
         return await call_next(request)
 
+    page = PAGE.read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def artists_page():
+        return HTMLResponse(page)
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
@@ -259,7 +283,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             "sizes": {"multiple": model.size_multiple, "min_side": model.min_side, "max_side": model.max_side,
                       "default_area": model.default_area},
             "steps": [1, MAX_STEPS], "guidance": [0.0, 30.0], "reference_strength": [0.0, 2.0]},
-            "auth": bool(settings.api_token)}
+            "line_extractors": list(CLASSIC_EXTRACTORS), "auth": bool(settings.api_token)}
 
     @app.post("/v1/colorize")
     async def colorize(request: Request):
@@ -282,6 +306,8 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             raise ApiError(422, "background_reference needs the plugin on")
         decoded = {name: _decode(name, data, settings.max_input_pixels)
                    for name, data in images.items() if data is not None}
+        if params.extract_lines:  # CPU work: keep it off the event loop
+            decoded["sketch"] = await run_in_threadpool(extract_drawing, decoded["sketch"], params.line_extractor)
         limits = dict(multiple=model.size_multiple, min_side=model.min_side, max_side=model.max_side)
         if params.width is None:
             sketch = decoded["sketch"]
@@ -299,7 +325,8 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
                   reference_guidance=model.reference_guidance if params.reference_guidance is None
                   else params.reference_guidance,
                   sketch_guidance=model.sketch_guidance if params.sketch_guidance is None else params.sketch_guidance,
-                  reference_strength=params.reference_strength, plugin=use_plugin)
+                  reference_strength=params.reference_strength, plugin=use_plugin,
+                  line_extractor=params.line_extractor if params.extract_lines else None)
         try:
             result = await backend.colorize(job)
         except ValueError as err:  # the model refused the combination: the client's to fix

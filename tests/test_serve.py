@@ -46,9 +46,20 @@ def pair():
 
 @pytest.fixture(scope="module")
 def model_folder(tmp_path_factory):
-    from jobs.init_model import init_model
+    """A tiny model whose sketch encoder is not at its zero init, so the sketch visibly steers the output
+    (as after training); a fresh model ignores its sketch entirely."""
+    import torch
 
-    return init_model(tmp_path_factory.mktemp("serve") / "model", "tiny")
+    from jobs.init_model import init_model
+    from model.colorizer import Colorizer
+
+    folder = init_model(tmp_path_factory.mktemp("serve") / "init", "tiny")
+    model = Colorizer.from_pretrained(folder)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.sketch_encoder.outputs.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.save_pretrained(folder.parent / "model")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +123,7 @@ def test_health_and_info(server):
     assert info["limits"]["sizes"] == {"multiple": 32, "min_side": 64, "max_side": 256, "default_area": 128 * 128}
     assert info["limits"]["max_body_bytes"] == MAX_BODY
     assert info["auth"] is False
+    assert "xdog" in info["line_extractors"]
 
 
 def test_png_of_requested_size_matches_the_model(server, pair, model_folder):
@@ -293,6 +305,18 @@ def test_plugin_model_takes_a_background_reference(server, pair):
     assert_error(refused, 422, "background_reference needs the plugin on")
 
 
+def test_extract_lines_turns_a_colored_drawing_into_a_sketch(server, pair):
+    fields = {"seed": "3", "steps": "2", "width": "128", "height": "96", "format": "json"}
+    colored = {"sketch": ("colored.png", pair[1], "image/png"), "reference": ("ref.png", pair[1], "image/png")}
+    extracted = post(colored, {**fields, "extract_lines": "true", "line_extractor": "canny"})
+    assert extracted.status_code == 200, extracted.text
+    assert extracted.json()["parameters"]["line_extractor"] == "canny"
+    as_sent = post(colored, fields).json()
+    assert as_sent["parameters"]["line_extractor"] is None
+    assert extracted.json()["image"] != as_sent["image"]  # the model saw a different sketch
+    assert_error(post(colored, {**fields, "extract_lines": "true", "line_extractor": "magic"}), 422, "line_extractor")
+
+
 # ------------------------------------------------------------------------------------------ config
 def test_config_yaml_is_a_valid_serve_config():
     from pathlib import Path
@@ -324,3 +348,136 @@ def test_options_from_env_and_refused_args(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a colorize-xl model folder"):
         build_app({"model": str(tmp_path)})
     assert json.dumps(AppOptions.from_args({}).model_dump())  # env alone is enough
+
+
+# ------------------------------------------------------------------------- the artists' page, in Chromium
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Debian's headless Chromium through Selenium. CI installs it (.ci/run) and sets
+    COLORIZE_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping."""
+    import os
+    from pathlib import Path
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        message = f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)"
+        if os.environ.get("COLORIZE_REQUIRE_BROWSER") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    downloads = tmp_path_factory.mktemp("downloads")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,900",
+                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(flag)
+    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                              "download.prompt_for_download": False})
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager look for drivers online
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.downloads = downloads
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, seconds=120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, seconds, poll_frequency=0.2).until(lambda d: condition(d))
+
+
+def drop_file(driver, element_id: str, name: str, data: bytes) -> None:
+    """A real drop event carrying a File, as when an artist drags one from the desktop."""
+    driver.execute_script("""
+        const [id, name, b64] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "image/png" }));
+        const target = document.getElementById(id);
+        for (const type of ["dragover", "drop"])
+            target.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    """, element_id, name, base64.b64encode(data).decode())
+
+
+def set_range(driver, element_id: str, value) -> None:
+    driver.execute_script("const e = document.getElementById(arguments[0]); e.value = arguments[1];"
+                          "e.dispatchEvent(new Event('input'));", element_id, str(value))
+
+
+def test_page_colorizes_and_downloads_in_chromium(server, pair, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    sketch_file = tmp_path / "sketch.png"
+    sketch_file.write_bytes(pair[0])
+    browser.get(server + "/")
+    wait_for(browser, lambda d: "tiny preset" in d.find_element(By.ID, "model-line").text)
+    go = browser.find_element(By.ID, "go")
+    assert not go.is_enabled()  # nothing to colorize yet
+    assert not browser.find_element(By.ID, "drop-background_reference").is_displayed()  # no plugin here
+
+    browser.find_element(By.ID, "file-sketch").send_keys(str(sketch_file))  # the file picker
+    drop_file(browser, "drop-reference", "ref.png", pair[1])  # drag and drop
+    wait_for(browser, lambda d: go.is_enabled())
+    browser.find_element(By.ID, "seed").send_keys("11")
+    set_range(browser, "steps", 2)
+    set_range(browser, "reference_guidance", 3)
+    go.click()
+    wait_for(browser, lambda d: "Done" in d.find_element(By.ID, "status").text
+             or "error" in d.find_element(By.ID, "status").get_attribute("class"))
+    assert "seed 11" in browser.find_element(By.ID, "status").text, browser.find_element(By.ID, "status").text
+    used = json.loads(browser.find_element(By.ID, "used").text)
+    assert (used["seed"], used["steps"], used["reference_guidance"]) == (11, 2, 3.0)
+
+    shown = browser.find_element(By.ID, "result").get_attribute("src")
+    assert shown.startswith("data:image/png;base64,")
+    direct = post(files_of(pair), {"seed": "11", "steps": "2", "reference_guidance": "3",
+                                   "sketch_guidance": str(used["sketch_guidance"])})
+    assert direct.status_code == 200
+    assert np.array_equal(to_array(base64.b64decode(shown.split(",", 1)[1])), to_array(direct.content))
+    assert browser.execute_script("const i = document.getElementById('result');"
+                                  "return [i.naturalWidth, i.naturalHeight];") == [used["width"], used["height"]]
+
+    browser.save_screenshot(str(tmp_path / "page.png"))  # kept under pytest's tmp dir for a look when it breaks
+    browser.find_element(By.ID, "download").click()
+    saved = browser.downloads / "colorized-seed11.png"
+    wait_for(browser, lambda d: saved.exists() and saved.stat().st_size > 0, seconds=30)
+    assert np.array_equal(to_array(saved.read_bytes()), to_array(direct.content))
+
+
+def test_page_shows_the_services_refusal(server, pair, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(server + "/")
+    wait_for(browser, lambda d: "tiny preset" in d.find_element(By.ID, "model-line").text)
+    drop_file(browser, "drop-sketch", "sketch.png", pair[0])
+    drop_file(browser, "drop-reference", "ref.png", pair[1])
+    browser.find_element(By.TAG_NAME, "summary").click()  # open "Size"
+    browser.find_element(By.ID, "auto-size").click()
+    width = browser.find_element(By.ID, "width")
+    width.clear()
+    width.send_keys("100")  # not a multiple of 32
+    browser.find_element(By.ID, "go").click()
+    status = browser.find_element(By.ID, "status")
+    wait_for(browser, lambda d: "error" in status.get_attribute("class"))
+    assert "multiple of 32" in status.text, status.text
+
+
+def test_page_behind_a_token_and_with_a_plugin(server, pair, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(SECURED + "/")  # the page itself needs no token
+    token_box = browser.find_element(By.ID, "token-box")
+    wait_for(browser, lambda d: token_box.is_displayed())
+    assert "token" in browser.find_element(By.ID, "status").text
+    field = browser.find_element(By.ID, "token")
+    field.send_keys(TOKEN)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
+    wait_for(browser, lambda d: "plugin" in d.find_element(By.ID, "model-line").text)
+    assert browser.find_element(By.ID, "drop-background_reference").is_displayed()
+    assert browser.find_element(By.ID, "plugin-row").is_displayed()
