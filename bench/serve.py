@@ -1,0 +1,294 @@
+"""Serving overhead: the same colorization requests made to the library, to the bare HTTP API and to Ray
+Serve, under a stated concurrent load on loopback. Prints JSON lines.
+
+    python bench/serve.py                                   # tiny preset, CPU, concurrency 1 and 4
+    python bench/serve.py --model outputs/demo/stage2 --concurrency 1 4 8 --requests 32
+    python bench/serve.py --modes library http              # without Ray (the API behind uvicorn)
+    python bench/serve.py --preset sdxl --device cuda --dtype bfloat16 --size 1024x1024 --steps 20
+
+Modes, all on the same model folder, inputs, sizes and steps (each request has its own seed):
+
+* ``library``: ``Colorizer.colorize`` called directly, one request at a time, and ``colorize_batch`` with as
+  many items as the concurrency (the best a caller of the library could do with that many requests);
+* ``http``: the FastAPI app of ``serve/api.py`` under uvicorn in a child process, with an in-process model
+  (no Ray): the cost of HTTP, multipart parsing, image decode and PNG encode;
+* ``serve``: the Ray Serve app of ``serve/app.py`` on a local Ray (ingress + batching model replica): adds
+  the Ray handle hop and ``@serve.batch``.
+
+Per mode and concurrency: latency p50/p99 (seconds, per request, client side) and throughput (requests/s
+over the whole run), plus ratios against the library in the same run: ``latency_ratio`` (p50 over the
+library's sequential p50) and ``throughput_ratio`` (over the library's batched throughput at the same
+concurrency). The library is measured before and after the served modes and the better pass is the
+baseline, so drifting load on a shared machine can only make serving look worse. Lines with ``"raw": true``
+are printed as each served run ends; the final lines carry the ratios. The load generator runs in this process with one thread per concurrent client; on a
+2-core machine it competes with the server for CPU, which this bench states rather than hides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------- library
+def run_library(model, sketch, reference, args, concurrency: int, first_seed: int) -> dict:
+    """Sequential ``colorize`` latencies, and ``colorize_batch`` throughput at ``concurrency`` items."""
+    import torch
+
+    from model.guidance import Guidance
+
+    guidance = Guidance(args.reference_guidance, args.sketch_guidance)
+    common = dict(steps=args.steps, size=args.size, guidance=guidance)
+    for i in range(3):  # warm-up
+        model.colorize(sketch, reference, seed=first_seed + i, **common)
+    latencies = []
+    for i in range(args.requests):
+        started = time.perf_counter()
+        model.colorize(sketch, reference, seed=first_seed + i, **common)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        latencies.append(time.perf_counter() - started)
+    batches = max(1, args.requests // concurrency)
+    started = time.perf_counter()
+    for b in range(batches):
+        seeds = [first_seed + b * concurrency + i for i in range(concurrency)]
+        model.colorize_batch([sketch] * concurrency, [reference] * concurrency, seeds=seeds, **common)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    batched = batches * concurrency / (time.perf_counter() - started)
+    return {"p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 99),
+            "sequential_rps": len(latencies) / sum(latencies), "batched_rps": batched}
+
+
+# ---------------------------------------------------------------------------------------- HTTP load
+def load(url: str, files: dict, fields: dict, requests_total: int, concurrency: int, first_seed: int) -> dict:
+    """``requests_total`` POSTs from ``concurrency`` client threads; every answer must be a 200 PNG."""
+    session_of = threading.local()
+
+    def one(i: int) -> float:
+        session = getattr(session_of, "session", None) or requests.Session()
+        session_of.session = session
+        started = time.perf_counter()
+        response = session.post(url, files=files, data={**fields, "seed": str(first_seed + i)}, timeout=600)
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200 or response.headers.get("content-type") != "image/png":
+            raise RuntimeError(f"request {i}: HTTP {response.status_code}: {response.text[:200]}")
+        return elapsed
+
+    for i in range(concurrency):  # warm-up: one round at this concurrency
+        one(i)
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        latencies = list(pool.map(one, range(requests_total)))
+    wall = time.perf_counter() - started
+    return {"p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 99),
+            "throughput_rps": requests_total / wall}
+
+
+class InProcessBackend:
+    """The API's backend without Ray: one model in this process, one generation at a time."""
+
+    def __init__(self, folder: str, device: str, dtype: str):
+        import torch
+
+        from model.colorizer import Colorizer
+        from serve.app import read_model_info
+
+        self.model = Colorizer.from_pretrained(folder, device=device, dtype=getattr(torch, dtype))
+        self._info = read_model_info(folder)
+        self._lock = asyncio.Lock()
+
+    def info(self):
+        return self._info
+
+    async def colorize(self, job):
+        from model.guidance import Guidance
+
+        async with self._lock:
+            image = await asyncio.to_thread(
+                self.model.colorize, job.sketch, job.reference, seed=job.seed, steps=job.steps,
+                size=(job.width, job.height), guidance=Guidance(job.reference_guidance, job.sketch_guidance),
+                reference_strength=job.reference_strength, plugin=job.plugin)
+        return np.asarray(image)
+
+
+def _serve_http(folder: str, device: str, dtype: str, port: int, threads: int) -> None:
+    import torch
+    import uvicorn
+
+    from serve.api import Settings, create_app
+
+    torch.set_num_threads(threads)
+    app = create_app(InProcessBackend(folder, device, dtype), Settings())
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def wait_healthy(url: str, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become healthy in {seconds} s")
+
+
+# --------------------------------------------------------------------------------------------- main
+def parse_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    return int(width), int(height or width)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: a random-init folder of --preset in a temp dir)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--modes", nargs="+", default=["library", "http", "serve"], choices=["library", "http", "serve"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--requests", type=int, default=16, help="per mode and concurrency")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--size", type=parse_size, default=(128, 96), help="WxH of the output")
+    parser.add_argument("--reference-guidance", type=float, default=4.0)
+    parser.add_argument("--sketch-guidance", type=float, default=1.0)
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of each model holder")
+    parser.add_argument("--max-batch-size", type=int, default=4, help="Serve's @serve.batch size")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from model.colorizer import Colorizer
+    from pipelines.synthetic import synthetic_illustration
+
+    torch.set_num_threads(args.threads)
+    workdir = tempfile.TemporaryDirectory(prefix="bench-serve-")
+    folder = args.model
+    if folder is None:
+        from jobs.init_model import init_model
+
+        folder = str(init_model(Path(workdir.name) / "model", args.preset))
+    drawing = synthetic_illustration(seed=1, width=args.size[0], height=args.size[1])
+    sketch, reference = drawing.sketch, drawing.color
+    files = {"sketch": ("sketch.png", png(sketch), "image/png"),
+             "reference": ("reference.png", png(reference), "image/png")}
+    fields = {"steps": str(args.steps), "width": str(args.size[0]), "height": str(args.size[1]),
+              "reference_guidance": str(args.reference_guidance), "sketch_guidance": str(args.sketch_guidance)}
+    setting = {"model": folder, "size": list(args.size), "steps": args.steps, "requests": args.requests,
+               "device": args.device, "dtype": args.dtype, "cpus": os.cpu_count()}
+    emit({"bench": "serve", "setting": setting})
+
+    model = Colorizer.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype))
+    library = {c: run_library(model, sketch, reference, args, c, first_seed=1000) for c in args.concurrency}
+
+    served: list[tuple[str, int, dict]] = []
+
+    def report(mode: str, concurrency: int, measured: dict) -> None:
+        served.append((mode, concurrency, measured))
+        emit({"bench": "serve", "mode": mode, "concurrency": concurrency, "raw": True,
+              **{k: round(v, 4) for k, v in measured.items()}})
+
+    if "http" in args.modes:
+        port = free_port()
+        context = multiprocessing.get_context("spawn")
+        server = context.Process(target=_serve_http, args=(folder, args.device, args.dtype, port, args.threads),
+                                 daemon=True)
+        server.start()
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url)
+            for concurrency in args.concurrency:
+                report("http", concurrency, load(url + "/v1/colorize", files, fields, args.requests, concurrency, 2000))
+        finally:
+            server.terminate()
+            server.join(30)
+
+    if "serve" in args.modes:
+        import ray
+        from ray import serve
+
+        from serve.app import build_app
+
+        port = free_port()
+        gpu = args.device.startswith("cuda")
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app({"model": folder, "device": args.device, "dtype": args.dtype,
+                                 "num_cpus": args.threads, "num_gpus": 1 if gpu else 0,
+                                 "max_batch_size": args.max_batch_size, "max_ongoing_requests": 16,
+                                 "max_queued_requests": -1}), name="bench", route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url)
+            for concurrency in args.concurrency:
+                report("serve", concurrency, load(url + "/v1/colorize", files, fields, args.requests, concurrency, 3000))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    # The library again, after the served modes: on a shared machine the load drifts, so the baseline is the
+    # better of the two passes (which only makes the serving overhead look larger, never smaller).
+    for c in args.concurrency:
+        again = run_library(model, sketch, reference, args, c, first_seed=1000)
+        library[c] = {"p50_s": min(library[c]["p50_s"], again["p50_s"]), "p99_s": min(library[c]["p99_s"], again["p99_s"]),
+                      "sequential_rps": max(library[c]["sequential_rps"], again["sequential_rps"]),
+                      "batched_rps": max(library[c]["batched_rps"], again["batched_rps"])}
+        if "library" in args.modes:
+            emit({"bench": "serve", "mode": "library", "concurrency": c, **{k: round(v, 4) for k, v in library[c].items()}})
+    for mode, concurrency, measured in served:
+        base = library[concurrency]
+        emit({"bench": "serve", "mode": mode, "concurrency": concurrency,
+              **{k: round(v, 4) for k, v in measured.items()},
+              "latency_ratio": round(measured["p50_s"] / library[args.concurrency[0]]["p50_s"], 3),
+              "throughput_ratio": round(measured["throughput_rps"] / base["batched_rps"], 3)})
+    workdir.cleanup()
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
