@@ -7,9 +7,10 @@ The chain so far, each step skipped when its output already exists:
 3. preprocess the corpus with Ray Data (sketches, masks, tokens, latents → Parquet shards);
 4. train stage 1 (backbone with the Gram loss) and stage 2 (plugin) with Ray Train + DeepSpeed on two
    CPU workers, tracked in MLflow (``outputs/demo/mlflow.db``);
-5. colorize one sketch from the dataset after another image's reference, in a Ray task.
+5. serve the trained model with Ray Serve and send it one HTTP request: a dataset sketch after another
+   image's reference; the returned PNG is saved (``--keep-serving`` leaves the app and its web page up).
 
-Evaluation and serving join this chain as those jobs land. A tiny model trained for a minute learns
+Evaluation joins this chain as that job lands. A tiny model trained for a minute learns
 colors and coarse layout at best; the point is the whole system running, not the picture.
 
     python jobs/demo.py --out outputs/demo
@@ -28,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jobs.init_model import init_model  # noqa: E402
@@ -40,30 +40,60 @@ from pipelines.preprocess import PreprocessConfig  # noqa: E402
 from pipelines.ray_preprocess import run_preprocess  # noqa: E402
 
 
-def colorize_from_dataset(model_folder: str, dataset: str, out_dir: str, seed: int, steps: int) -> dict:
-    """Sketch of the first dataset row, reference = the image of the last row; writes a result strip."""
-    from model.colorizer import Colorizer
+def demo_pair(dataset: str) -> tuple[dict, bytes, bytes]:
+    """The first row's sketch (as a drawing, PNG) and the last row's image as its reference (JPEG bytes)."""
     from pipelines.sketches import invert
 
-    torch.set_num_threads(2)
-    model = Colorizer.from_pretrained(model_folder)
     rows = read_all(dataset, columns=["source", "image", "sketches"]).to_pylist()
     sketch_row, reference_row = rows[0], rows[-1]
     drawing = invert(np.asarray(Image.open(io.BytesIO(sketch_row["sketches"][0]))))
-    reference = np.asarray(Image.open(io.BytesIO(reference_row["image"])).convert("RGB"))
+    buffer = io.BytesIO()
+    Image.fromarray(drawing).save(buffer, format="PNG")
+    where = {"sketch_from": sketch_row["source"], "reference_from": reference_row["source"]}
+    return where, buffer.getvalue(), reference_row["image"]
+
+
+def serve_and_request(model_folder: str, dataset: str, out_dir: str, seed: int, steps: int, port: int,
+                      keep_serving: bool) -> dict:
+    """Deploy the Serve app of ``serve/app.py`` on the running local Ray, send one HTTP request with a dataset
+    sketch and another image's reference, save the returned PNG and a sketch | reference | result strip."""
+    import requests
+    from ray import serve
+
+    from serve.app import build_app
+
+    where, sketch_png, reference_jpeg = demo_pair(dataset)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": model_folder, "num_cpus": 1, "max_batch_size": 2}), name="colorize",
+              route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
-    result = model.colorize(drawing, reference, steps=steps, seed=seed)
+    response = requests.post(f"{url}/v1/colorize", timeout=600, files={
+        "sketch": ("sketch.png", sketch_png, "image/png"), "reference": ("reference.jpg", reference_jpeg, "image/jpeg"),
+    }, data={"seed": str(seed), "steps": str(steps)})
     seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"the served model answered HTTP {response.status_code}: {response.text}")
     out = Path(out_dir)
     result_path = out / "colorized.png"
-    result.save(result_path)
+    result_path.write_bytes(response.content)
+    result = Image.open(result_path).convert("RGB")
     height = result.size[1]
-    panels = [Image.fromarray(drawing).convert("RGB"), Image.fromarray(reference), result]
+    panels = [Image.open(io.BytesIO(sketch_png)).convert("RGB"), Image.open(io.BytesIO(reference_jpeg)).convert("RGB"),
+              result]
     strip = np.concatenate([np.asarray(p.resize((p.size[0] * height // p.size[1], height))) for p in panels], axis=1)
     Image.fromarray(strip).save(out / "strip.png")
+    parameters = {k[2:].lower().replace("-", "_"): v for k, v in response.headers.items() if k.lower().startswith("x-")}
+    if keep_serving:
+        print(f"[demo] serving at {url}/ (the artists' page; API docs at {url}/docs). Ctrl-C stops it.", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    serve.shutdown()
     return {"image": str(result_path), "strip": str(out / "strip.png"), "size": list(result.size),
-            "sketch_from": sketch_row["source"], "reference_from": reference_row["source"],
-            "steps": steps, "seconds": round(seconds, 3)}
+            "url": f"{url}/v1/colorize", "seconds": round(seconds, 3), "parameters": parameters, **where}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=8, help="sampling steps of the final colorization")
     parser.add_argument("--train-steps", type=int, default=40, help="stage-1 steps (stage 2 runs a quarter)")
+    parser.add_argument("--port", type=int, default=8000, help="the Serve HTTP port (loopback only)")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="leave the app up at the end (open http://127.0.0.1:PORT/ for the artists' page)")
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -109,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 make_trainer(train_args).fit()
             runs[stage] = str(export)
             trained = export
-        print("[demo] 5/5 colorizing a dataset sketch after another image's reference (in a Ray task)")
-        task = ray.remote(num_cpus=2)(colorize_from_dataset)
-        report = ray.get(task.remote(str(trained), str(dataset), str(out), args.seed, args.steps))
+        print("[demo] 5/5 serving the trained model with Ray Serve and sending it one HTTP request")
+        report = serve_and_request(str(trained), str(dataset), str(out), args.seed, args.steps, args.port,
+                                   args.keep_serving)
     finally:
         ray.shutdown()
 
@@ -122,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=2))
     print(f"\n[demo] dataset: {dataset} ({manifest['rows']} rows, {manifest['errors']} errors in "
           f"{dataset / 'errors'})\n[demo] colorized image: {report['image']}\n[demo] sketch | reference | result: "
-          f"{report['strip']}\n[demo] experiments: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}"
+          f"{report['strip']}\n[demo] serve it again: serve run serve/config.yaml (model: {trained})"
+          f"\n[demo] experiments: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}"
           f"\n[demo] on a cluster: ray job submit --working-dir . -- python jobs/preprocess.py "
           f"--input <corpus> --output <dataset> --encoders <model folder> --preset sdxl")
     return 0
