@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=500)
     p.add_argument("--plugin-rank", type=int, default=16)
+    p.add_argument("--gram-weight", type=float, default=None,
+                   help="stage 1's Gram-loss weight λ after the warm-up (default: the model config's, 1; 0 = ablation)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--storage", default="outputs/runs", help="Ray Train storage_path (shared on clusters)")
     p.add_argument("--run-name", default="colorize-xl")
@@ -80,7 +82,7 @@ def make_trainer(args) -> TorchTrainer:
         stage=args.stage, model=absolute(args.model), dataset=absolute(args.data), export=absolute(args.export),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, gradient_checkpointing=not args.no_gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, seed=args.seed,
-        plugin_rank=args.plugin_rank, mlflow_tracking_uri=tracking, mlflow_experiment=args.experiment,
+        plugin_rank=args.plugin_rank, gram_weight=args.gram_weight, mlflow_tracking_uri=tracking, mlflow_experiment=args.experiment,
         run_name=args.run_name, extra_params={"workers": args.workers, "gpu": args.gpu,
                                               "global_batch": args.batch_size * args.workers},
     )

@@ -11,6 +11,7 @@ The science lives in :mod:`model.objective` (stage 1) and :mod:`model.plugin` (s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     aesthetic_score: float = 7.0
     plugin_rank: int = 16
+    gram_weight: float | None = None  # stage 1's λ after the warm-up; None = the model config's (0 = ablation)
     mlflow_tracking_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str = "colorize-xl"
     run_name: str = "colorize-xl"
@@ -232,6 +234,9 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[train] resumed from step {step} of {cfg.steps}", flush=True)
     tracker = Tracker(cfg, run_id, active=rank == 0)
 
+    diffusion = colorizer.config.diffusion
+    if cfg.gram_weight is not None:
+        diffusion = dataclasses.replace(diffusion, gram_weight=cfg.gram_weight)
     batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.seed * 1000 + rank)
     preview = None
     while step < cfg.steps:
@@ -239,7 +244,7 @@ def train_loop_per_worker(config: dict) -> None:
         batch = next(batches).to(device, dtype)
         if preview is None:
             preview = batch
-        weight = gram_weight_at(step, cfg.steps, colorizer.config.diffusion) if cfg.stage == "backbone" else 0.0
+        weight = gram_weight_at(step, cfg.steps, diffusion) if cfg.stage == "backbone" else 0.0
         losses = engine(batch, weight) if cfg.stage == "backbone" else engine(batch)
         engine.backward(losses.loss)
         engine.step()
