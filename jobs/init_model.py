@@ -32,14 +32,18 @@ def init_model(out: Path, preset: str, seed: int = 0, paths: PretrainedPaths | N
     return Colorizer.from_config(get_preset(preset), paths).save_pretrained(out)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--seed", type=int, default=0, help="initialization seed of the parts not loaded")
     for name in ("unet", "vae", "tagger-weights", "tagger-tags", "clip"):
         parser.add_argument(f"--{name}", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     paths = PretrainedPaths(unet=args.unet, vae=args.vae, tagger_weights=args.tagger_weights,
                             tagger_tags=args.tagger_tags, clip=args.clip)
     folder = init_model(Path(args.out), args.preset, args.seed, paths)
