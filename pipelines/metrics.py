@@ -1,0 +1,242 @@
+"""Metric objects of the paper's Table 1 and the feature extractors behind them, with honest names.
+
+* PSNR and MS-SSIM come from torchmetrics, per image, on RGB in [0, 1]. PSNR of identical images is
+  infinite; it is capped (:data:`PSNR_CAP_DB`) so that averages stay finite, and the cap is named in every
+  report. MS-SSIM needs images larger than its kernel at the coarsest scale: :func:`ms_ssim_settings`
+  keeps the standard 11-px Gaussian and drops scales (renormalizing the standard betas) until the images
+  fit, so 1024² evaluations use the standard five scales and tiny 96-px tests use fewer; the settings
+  are part of the report.
+* FID is torchmetrics' ``FrechetInceptionDistance`` fed with features extracted elsewhere (on Ray
+  actors): :class:`PrecomputedFeatures` is the identity "network" it runs on them.
+* Extractors load from local files only. FID's standard network is :mod:`pipelines.eval_inception`; the
+  CLIP score's is an OpenCLIP image tower from a checkpoint file. Where none is given, the caller may ask
+  for a named substitute (the model's own CLIP tower), and the metric's key and label then say
+  "substitute", so a number is never reported under a name it has not earned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PSNR_CAP_DB = 100.0
+STANDARD_MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+STANDARD_MS_SSIM_KERNEL = 11
+
+FID_EXTRACTORS = ("inception", "substitute:clip")
+CLIP_EXTRACTORS = ("openclip", "substitute:model")
+# OpenCLIP ViT image towers: width → attention heads (heads are not visible in the weights' shapes).
+OPENCLIP_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
+
+
+# ------------------------------------------------------------------------------------ pixel metrics
+@dataclass(frozen=True)
+class MSSSIMSettings:
+    """MS-SSIM parameters chosen for the smallest image side of an evaluation."""
+
+    betas: tuple[float, ...]
+    kernel_size: int
+
+    @property
+    def description(self) -> str:
+        standard = self.betas == STANDARD_MS_SSIM_BETAS and self.kernel_size == STANDARD_MS_SSIM_KERNEL
+        scales = f"{len(self.betas)} scales" + ("" if standard else " (standard betas truncated, renormalized)")
+        return f"{scales}, {self.kernel_size}-px Gaussian σ 1.5"
+
+
+def ms_ssim_settings(min_side: int) -> MSSSIMSettings:
+    """The most standard MS-SSIM that torchmetrics accepts for images whose smaller side is ``min_side``:
+    the 11-px kernel with as many of the five scales as fit, then smaller kernels."""
+    for kernel in (11, 9, 7, 5, 3):
+        for scales in (5, 4, 3, 2):
+            # torchmetrics' own conditions (functional/image/ssim.py): side ≥ 2^scales and
+            # side // max(1, scales - 1)² > kernel - 1
+            if min_side >= 2**scales and min_side // max(1, scales - 1) ** 2 > kernel - 1:
+                betas = STANDARD_MS_SSIM_BETAS[:scales]
+                if scales < 5:
+                    total = sum(betas)
+                    betas = tuple(round(b / total, 6) for b in betas)
+                return MSSSIMSettings(betas, kernel)
+    raise ValueError(f"images with a side of {min_side} px are too small for MS-SSIM (need at least 8 px)")
+
+
+class PixelMetrics:
+    """Per-image PSNR (capped) and MS-SSIM of outputs against their ground truths."""
+
+    def __init__(self, settings: MSSSIMSettings, psnr_cap: float = PSNR_CAP_DB):
+        from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure, PeakSignalNoiseRatio
+
+        self.settings = settings
+        self.psnr_cap = psnr_cap
+        self.psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="none", dim=(1, 2, 3))
+        self.ms_ssim = MultiScaleStructuralSimilarityIndexMeasure(
+            data_range=1.0, kernel_size=settings.kernel_size, betas=settings.betas, reduction="none")
+
+    @torch.no_grad()
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``outputs``, ``targets``: (B, 3, H, W) float in [0, 1] → {"psnr": (B,), "ms_ssim": (B,)}."""
+        if outputs.shape != targets.shape:
+            raise ValueError(f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in shape")
+        outputs, targets = outputs.double(), targets.double()
+        self.psnr.reset()
+        self.ms_ssim.reset()
+        psnr = self.psnr(outputs, targets).reshape(-1)
+        ms_ssim = self.ms_ssim(outputs, targets).reshape(-1)
+        return {"psnr": psnr.clamp(max=self.psnr_cap).float(), "ms_ssim": ms_ssim.float()}
+
+
+# ------------------------------------------------------------------------------------------ FID
+class PrecomputedFeatures(nn.Module):
+    """The identity as torchmetrics' FID "network": features were extracted on the workers already."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"expected features (N, {self.num_features}), got {tuple(features.shape)}")
+        return features
+
+
+def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
+    """FID between two feature sets (N, D) and (M, D), computed by torchmetrics in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if real.shape[0] < 2 or generated.shape[0] < 2:
+        raise ValueError(f"FID needs at least 2 images on each side, got {real.shape[0]} and {generated.shape[0]}")
+    fid = FrechetInceptionDistance(feature=PrecomputedFeatures(real.shape[1]))
+    fid.update(real.double(), real=True)
+    fid.update(generated.double(), real=False)
+    return float(fid.compute())
+
+
+# ----------------------------------------------------------------------------------- extractors
+@dataclass(frozen=True)
+class ExtractorChoice:
+    """Which network a metric uses, as plain data (it travels to Ray actors, which build it there)."""
+
+    kind: str  # "inception" | "openclip" | "model_clip"
+    path: str | None = None
+    heads: int | None = None  # OpenCLIP only; None = from OPENCLIP_HEADS
+
+    def label(self) -> str:
+        if self.kind == "inception":
+            return f"Inception-v3 FID weights ({Path(self.path).name})"
+        if self.kind == "openclip":
+            return f"OpenCLIP image tower ({Path(self.path).name})"
+        return "substitute: the model's own CLIP tower"
+
+
+def choose_fid_extractor(name: str, inception_weights: str | None) -> ExtractorChoice:
+    """``name`` from :data:`FID_EXTRACTORS`; the real Inception needs its weights file."""
+    if name == "inception":
+        if not inception_weights:
+            raise ValueError(
+                "FID needs the FID Inception-v3 weights, a local state_dict file (published as "
+                "pt_inception-2015-12-05-6726825d.pth): pass --inception-weights PATH; or ask for "
+                "--fid-extractor substitute:clip to use the model's own CLIP tower instead, reported as "
+                "'FID (substitute: model CLIP tower)' and not comparable with published FID")
+        if not Path(inception_weights).is_file():
+            raise FileNotFoundError(f"Inception weights not found: {inception_weights}")
+        return ExtractorChoice("inception", str(inception_weights))
+    if name == "substitute:clip":
+        return ExtractorChoice("model_clip")
+    raise ValueError(f"unknown FID extractor {name!r}; expected one of {FID_EXTRACTORS}")
+
+
+def choose_clip_extractor(name: str, clip_weights: str | None, heads: int | None = None) -> ExtractorChoice:
+    """``name`` from :data:`CLIP_EXTRACTORS`; ``openclip`` needs an OpenCLIP checkpoint file."""
+    if name == "openclip":
+        if not clip_weights:
+            raise ValueError(
+                "the CLIP score needs an OpenCLIP checkpoint (open_clip_pytorch_model.bin or .safetensors): "
+                "pass --clip-weights PATH; or ask for --clip-extractor substitute:model to use the model's own "
+                "CLIP tower, reported as 'CLIP (substitute: model CLIP tower)'")
+        if not Path(clip_weights).is_file():
+            raise FileNotFoundError(f"CLIP weights not found: {clip_weights}")
+        return ExtractorChoice("openclip", str(clip_weights), heads)
+    if name == "substitute:model":
+        return ExtractorChoice("model_clip")
+    raise ValueError(f"unknown CLIP extractor {name!r}; expected one of {CLIP_EXTRACTORS}")
+
+
+def fid_metric_name(choice: ExtractorChoice) -> tuple[str, str]:
+    """(metrics key, table label): plain "FID" only for the standard Inception."""
+    if choice.kind == "inception":
+        return "fid", "FID"
+    return "fid_substitute_model_clip", "FID (substitute: model CLIP tower)"
+
+
+def clip_metric_name(choice: ExtractorChoice) -> tuple[str, str]:
+    if choice.kind == "openclip":
+        return "clip_cosine", "CLIP"
+    return "clip_cosine_substitute_model_clip", "CLIP (substitute: model CLIP tower)"
+
+
+def openclip_config_from_file(path: str | Path, heads: int | None = None):
+    """A :class:`ClipVisionConfig` read off the shapes of an OpenCLIP checkpoint's ``visual.*`` tensors
+    (width, patch, image size, depth, MLP ratio, output dim); heads from ``heads`` or the known towers."""
+    from model.config import ClipVisionConfig
+    from model.pretrained import read_state_dict
+
+    state = read_state_dict(path, prefixes=("visual.", "module.visual."))
+    state = {k.removeprefix("module.").removeprefix("visual."): v for k, v in state.items()}
+    if "conv1.weight" not in state or "proj" not in state:
+        raise ValueError(f"{path} holds no OpenCLIP ViT image tower (visual.conv1.weight / visual.proj missing)")
+    width, _, patch, _ = state["conv1.weight"].shape
+    grid = round((state["positional_embedding"].shape[0] - 1) ** 0.5)
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks."))
+    hidden = state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    if heads is None:
+        if width not in OPENCLIP_HEADS:
+            raise ValueError(f"{path}: an image tower {width} wide is not a known OpenCLIP size "
+                             f"({sorted(OPENCLIP_HEADS)}); give its head count (--clip-heads)")
+        heads = OPENCLIP_HEADS[width]
+    return ClipVisionConfig(image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads,
+                            mlp_ratio=hidden / width, embed_dim=state["proj"].shape[1])
+
+
+class ImageEmbedder(nn.Module):
+    """uint8 images (B, 3, H, W) → (B, D) embeddings: the class token of a CLIP tower or Inception's pool."""
+
+    def __init__(self, network: nn.Module, is_clip: bool):
+        super().__init__()
+        self.network = network
+        self.is_clip = is_clip
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.network.parameters()).device
+        if not self.is_clip:
+            return self.network(images.to(device)).float()
+        dtype = next(self.network.parameters()).dtype
+        tokens = self.network(images.to(device).float().div(255).to(dtype))
+        return tokens[:, 0].float()  # after ln_post and the projection: OpenCLIP's image embedding
+
+
+def build_extractor(choice: ExtractorChoice, model=None, device=None) -> ImageEmbedder:
+    """The network for ``choice``; ``model`` (a Colorizer) supplies its own CLIP tower for substitutes."""
+    if choice.kind == "inception":
+        from pipelines.eval_inception import load_fid_inception
+
+        return ImageEmbedder(load_fid_inception(choice.path).to(device), is_clip=False)
+    if choice.kind == "openclip":
+        from model.pretrained import load_clip_vision
+
+        encoder = load_clip_vision(choice.path, openclip_config_from_file(choice.path, choice.heads))
+        return ImageEmbedder(encoder.eval().to(device), is_clip=True)
+    if choice.kind == "model_clip":
+        if model is None:
+            raise ValueError("the model's own CLIP tower was asked for, but no model was given")
+        return ImageEmbedder(model.clip, is_clip=True)
+    raise ValueError(f"unknown extractor kind {choice.kind!r}")
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine similarity of (B, D) embeddings."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)

@@ -1,0 +1,262 @@
+"""Evaluation (paper's Table 1 protocol) and the spatial-entanglement measures, tiny preset, CPU.
+
+Extractors are random-init networks saved in their published file formats: the FID Inception as a plain
+state_dict, the CLIP tower inside an OpenCLIP whole-model checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "jobs"))
+
+from pipelines.eval_deform import deform_reference, draw_deformation  # noqa: E402
+from pipelines.evaluation import EvaluationConfig, evaluate, plan_evaluation, read_rows  # noqa: E402
+from pipelines.metrics import (PSNR_CAP_DB, PixelMetrics, build_extractor, choose_clip_extractor,  # noqa: E402
+                               choose_fid_extractor, frechet_distance, ms_ssim_settings)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny base model, a 6-row dataset (2 shards), and a "trained" copy of the model whose training
+    run exists in an sqlite MLflow store (as jobs/train.py leaves it)."""
+    from make_corpus import make_corpus
+
+    from jobs.init_model import init_model
+    from pipelines.preprocess import PreprocessConfig, ShardEncoder, process_shard
+    from pipelines.sources import list_inputs, plan_shards
+    from pipelines.train_loop import TrainConfig, Tracker
+
+    root = tmp_path_factory.mktemp("evaluate")
+    make_corpus(root / "corpus", count=6, with_bad_files=False)
+    base = init_model(root / "base", "tiny", seed=0)
+    cfg = PreprocessConfig(preset="tiny", shard_size=3, encoders=str(base))
+    encoder = ShardEncoder(cfg)
+    for shard, items in enumerate(plan_shards(list_inputs(str(root / "corpus")).items, 3)):
+        process_shard(str(root / "dataset"), shard, items, cfg, encoder)
+
+    trained = root / "stage1"
+    shutil.copytree(base, trained)
+    train_cfg = TrainConfig(stage="backbone", model=str(base), dataset=str(root / "dataset"), export=str(trained),
+                            mlflow_tracking_uri=f"sqlite:///{root / 'mlflow.db'}", run_name="evaltest")
+    tracker = Tracker(train_cfg, None, active=True)
+    tracker.metrics({"loss": 1.0}, step=1)
+    tracker.close()
+    (trained / "training.json").write_text(json.dumps(asdict(train_cfg), indent=2))
+    return {"root": root, "base": base, "trained": trained, "dataset": root / "dataset",
+            "tracking": train_cfg.mlflow_tracking_uri, "training_run": tracker.run_id}
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """A random-init FID Inception saved as the published file is: a plain state_dict."""
+    from pipelines.eval_inception import PUBLISHED_FILE, FIDInceptionV3
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / PUBLISHED_FILE
+    torch.save(FIDInceptionV3().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def openclip_file(tmp_path_factory):
+    """The tiny preset's CLIP tower (random init) in an OpenCLIP whole-model checkpoint, text keys included."""
+    from model.config import tiny
+    from model.reference_encoders import ClipImageEncoder
+
+    torch.manual_seed(1)
+    encoder = ClipImageEncoder(tiny().clip)
+    state = {f"visual.{k}": v for k, v in encoder.visual.state_dict().items()}
+    state |= {"token_embedding.weight": torch.randn(10, 8), "logit_scale": torch.tensor(4.6)}
+    path = tmp_path_factory.mktemp("clip") / "open_clip_pytorch_model.bin"
+    torch.save(state, path)
+    return path, encoder.eval()
+
+
+def _textured(seed: int, side: int = 128) -> np.ndarray:
+    from pipelines.synthetic import synthetic_illustration
+
+    return np.ascontiguousarray(synthetic_illustration(seed=seed, width=side, height=side).color)
+
+
+def _tensor(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------ metric cases
+def test_identical_images_score_the_cap_and_one_and_a_shift_scores_worse():
+    settings = ms_ssim_settings(128)
+    assert (len(settings.betas), settings.kernel_size) == (4, 11) and abs(sum(settings.betas) - 1) < 1e-5
+    assert ms_ssim_settings(1024).description.startswith("5 scales, 11-px")
+    assert len(ms_ssim_settings(96).betas) == 3
+    metrics = PixelMetrics(settings)
+    images = _tensor([_textured(1), _textured(2)]).float() / 255
+    same = metrics(images, images)
+    assert torch.equal(same["psnr"], torch.full((2,), PSNR_CAP_DB))
+    torch.testing.assert_close(same["ms_ssim"], torch.ones(2), atol=1e-5, rtol=0)
+    shifted = metrics(torch.roll(images, shifts=3, dims=-1), images)
+    assert (shifted["psnr"] < 40).all() and (shifted["ms_ssim"] < 0.95).all()
+    more = metrics(torch.roll(images, shifts=8, dims=-1), images)
+    assert (more["psnr"] < shifted["psnr"]).all() and (more["ms_ssim"] < shifted["ms_ssim"]).all()
+
+
+def test_inception_loads_from_its_published_format_and_fid_behaves(inception_file, tmp_path):
+    extractor = build_extractor(choose_fid_extractor("inception", str(inception_file)))
+    images = [_textured(seed, side=96) for seed in range(4)]
+    real = extractor(_tensor(images))
+    assert real.shape == (4, 2048) and torch.isfinite(real).all() and real.std() > 0
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6 * float((real**2).sum()))
+    shifted = extractor(_tensor([np.roll(im, 16, axis=1) for im in images]))
+    assert frechet_distance(real, shifted) > 1e-3 * float(real.var(0).sum())
+
+    broken = tmp_path / "not_inception.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3)}, broken)
+    with pytest.raises(ValueError, match="missing from the file"):
+        build_extractor(choose_fid_extractor("inception", str(broken)))
+
+
+def test_openclip_checkpoint_loads_with_its_shape_read_off_the_file(openclip_file):
+    path, original = openclip_file
+    with pytest.raises(ValueError, match="--clip-heads"):
+        build_extractor(choose_clip_extractor("openclip", str(path)))
+    extractor = build_extractor(choose_clip_extractor("openclip", str(path), heads=2))
+    images = _tensor([_textured(3), _textured(4)])
+    expected = original(images.float() / 255)[:, 0]
+    torch.testing.assert_close(extractor(images), expected)
+
+
+def test_missing_extractors_stop_with_a_clear_message_unless_a_substitute_is_asked(workspace, capsys):
+    with pytest.raises(ValueError, match="--inception-weights PATH.*substitute:clip"):
+        EvaluationConfig(clip_extractor="substitute:model").choices()
+    with pytest.raises(ValueError, match="--clip-weights PATH.*substitute:model"):
+        EvaluationConfig(fid_extractor="substitute:clip").choices()
+    from jobs.evaluate import main
+
+    assert main(["--model", str(workspace["base"]), "--data", str(workspace["dataset"]), "--local"]) == 2
+    assert "FID needs the FID Inception-v3 weights" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ protocol parts
+def test_plan_is_deterministic_and_never_uses_a_rows_own_reference(workspace):
+    config = EvaluationConfig(samples=5, seed=3, fid_extractor="substitute:clip", clip_extractor="substitute:model")
+    plan = plan_evaluation(str(workspace["dataset"]), config)
+    again = plan_evaluation(str(workspace["dataset"]), config)
+    assert plan.specs == again.specs and len({s.row_id for s in plan.specs}) == 5
+    assert all(s.reference_id != s.row_id for s in plan.specs)
+    other = plan_evaluation(str(workspace["dataset"]), EvaluationConfig(samples=5, seed=4))
+    assert [s.seed for s in other.specs] != [s.seed for s in plan.specs]
+    with pytest.raises(ValueError, match="only 6 distinct rows"):
+        plan_evaluation(str(workspace["dataset"]), EvaluationConfig(samples=7))
+
+    image = _textured(5)
+    deformation = draw_deformation(np.random.default_rng(0))
+    deformed = deform_reference(image, deformation)
+    assert np.array_equal(deformed, deform_reference(image, deformation)) and deformed.shape == image.shape
+    difference = np.abs(deformed.astype(int) - image.astype(int)).mean()
+    assert 1 < difference < 80  # perturbed, yet the same picture
+
+
+# ---------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def cli_run(workspace, inception_file, openclip_file):
+    """jobs/evaluate.py on the trained folder: 4 samples, 2 steps, one process, logged to MLflow."""
+    from jobs.evaluate import main
+
+    out = workspace["root"] / "eval"
+    argv = ["--model", str(workspace["trained"]), "--data", str(workspace["dataset"]), "--samples", "4",
+            "--steps", "2", "--batch-size", "2", "--out", str(out), "--local",
+            "--inception-weights", str(inception_file), "--clip-weights", str(openclip_file[0]), "--clip-heads", "2"]
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_evaluation_lands_in_mlflow_linked_to_the_training_run(workspace, cli_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    out, _ = cli_run
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["metrics"]) == {"fid", "psnr", "ms_ssim", "clip_cosine"}
+    assert all(np.isfinite(v) for v in report["metrics"].values())
+    assert 0 < report["metrics"]["psnr"] <= PSNR_CAP_DB and -1 <= report["metrics"]["ms_ssim"] <= 1
+    assert len(report["samples"]) == 4 and report["settings"]["steps"] == 2
+
+    markdown = (out / "metrics.md").read_text()
+    assert markdown.startswith("| Method | FID↓ | PSNR↑ | MS-SSIM↑ | CLIP↑ |")
+    assert "| Paper (Table 1) | 8.28 | 28.83 | 0.700 | 0.912 |" in markdown
+    assert "pt_inception-2015-12-05-6726825d.pth" in markdown and "open_clip_pytorch_model.bin" in markdown
+    assert "4 samples" in markdown
+
+    client = MlflowClient(tracking_uri=workspace["tracking"])
+    training = workspace["training_run"]
+    evaluations = client.search_runs([client.get_run(training).info.experiment_id],
+                                     filter_string=f"tags.`colorize.evaluates` = '{training}'")
+    assert len(evaluations) == 1
+    run = evaluations[0]
+    assert run.data.metrics["fid"] == pytest.approx(report["metrics"]["fid"])
+    assert "colorize.run_name" not in run.data.tags  # the trainer must never resume into this run
+    assert run.data.params["fid_extractor"].startswith("Inception-v3 FID weights")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"metrics.md", "metrics.json"} <= artifacts
+    setting = report["settings"]["setting"]
+    on_training = client.get_run(training).data.metrics
+    assert on_training[f"eval/{setting}/psnr"] == pytest.approx(report["metrics"]["psnr"])
+
+
+@pytest.mark.slow
+def test_ray_data_actors_give_the_single_process_numbers(workspace, cli_run):
+    """The same plan through Ray Data actors (2 CPUs, in-process Ray), with substitute extractors named."""
+    import ray
+
+    from jobs.evaluate import build_parser, config_from_args, ray_runner
+
+    out, argv = cli_run
+    local = json.loads((out / "metrics.json").read_text())
+    config = config_from_args(build_parser().parse_args(argv))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        report = evaluate(str(workspace["trained"]), str(workspace["dataset"]), config,
+                          runner=ray_runner(workers=1, gpu=False, cpus_per_worker=1))
+    finally:
+        ray.shutdown()
+    for key, value in local["metrics"].items():
+        assert report.metrics[key] == pytest.approx(value, rel=1e-3, abs=1e-3), key
+    assert [s["row_id"] for s in report.samples] == [s["row_id"] for s in local["samples"]]
+
+
+def test_substitutes_are_named_in_keys_labels_and_table(workspace):
+    config = EvaluationConfig(samples=2, steps=1, fid_extractor="substitute:clip", clip_extractor="substitute:model")
+    report = evaluate(str(workspace["base"]), str(workspace["dataset"]), config)
+    assert set(report.metrics) == {"fid_substitute_model_clip", "psnr", "ms_ssim", "clip_cosine_substitute_model_clip"}
+    table = report.markdown()
+    assert "FID (substitute: model CLIP tower)↓" in table and "| FID↓" not in table
+    assert "| Paper (Table 1) | — | 28.83 | 0.700 | — |" in table
+
+
+# ---------------------------------------------------------------------------------- entanglement
+def test_entanglement_is_zero_for_the_own_reference_and_finite_otherwise(workspace, tiny_colorizer):
+    from pipelines.entanglement import line_f_score, spatial_entanglement
+
+    lines = np.zeros((32, 32), bool)
+    lines[10, 4:28] = True
+    assert line_f_score(lines, lines, 1) == 1.0
+    assert line_f_score(np.roll(lines, 1, axis=0), lines, 1) == 1.0
+    assert line_f_score(np.roll(lines, 12, axis=0), lines, 1) == 0.0
+
+    rows = read_rows(str(workspace["dataset"]), None, ["image", "sketches", "sketch_extractors"]).to_pylist()[:2]
+    own = spatial_entanglement(tiny_colorizer, rows, shift=0, timesteps=(500,), steps=1)
+    assert own.gram_distance == pytest.approx(0.0, abs=1e-10) and len(own.gram_distance_per_layer) == 2
+    assert own.line_agreement == own.line_agreement_aligned
+    other = spatial_entanglement(tiny_colorizer, rows, shift=1, timesteps=(250, 750), steps=1)
+    assert np.isfinite(other.gram_distance) and other.gram_distance > 0
+    assert 0 <= other.line_agreement <= 1 and 0 <= other.line_agreement_aligned <= 1
+    assert other.pairs == 2 and set(other.line_extractors) <= {"xdog", "blur_difference", "canny", "highpass"}
