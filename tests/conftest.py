@@ -43,3 +43,29 @@ def drawing_pair():
     from pipelines.synthetic import synthetic_illustration
 
     return synthetic_illustration(seed=3, width=128, height=96)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A finished tiny training dataset (24 synthetic images, both latent views), preprocessed in-process
+    without Ray: ``root/base`` (model folder), ``root/dataset``. Tests write their own runs under ``root``."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs.init_model import init_model
+    from jobs.make_corpus import make_corpus
+    from pipelines.dataset import completed_shards, load_or_create_plan, write_manifest
+    from pipelines.preprocess import PreprocessConfig, ShardEncoder, process_shard
+
+    root = tmp_path_factory.mktemp("tiny-dataset")
+    make_corpus(root / "corpus", count=24)
+    base = init_model(root / "base", "tiny", seed=0)
+    cfg = PreprocessConfig(preset="tiny", shard_size=12, encoders=str(base), latent_views=("target", "reference"))
+    output = str(root / "dataset")
+    plan = load_or_create_plan(str(root / "corpus"), output, cfg)
+    encoder = ShardEncoder(cfg)
+    for k, shard in enumerate(plan.shards):
+        process_shard(output, k, shard, cfg, encoder)
+    assert write_manifest(output, cfg, plan, completed_shards(output))["complete"]
+    return root

@@ -20,26 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A tiny dataset: 24 synthetic images preprocessed in-process (no Ray needed for this part)."""
-    sys.path.insert(0, str(ROOT / "jobs"))
-    from init_model import init_model
-    from make_corpus import make_corpus
-
-    from pipelines.dataset import completed_shards, load_or_create_plan, write_manifest
-    from pipelines.preprocess import PreprocessConfig, ShardEncoder, process_shard
-
-    root = tmp_path_factory.mktemp("train")
-    make_corpus(root / "corpus", count=24)
-    base = init_model(root / "base", "tiny", seed=0)
-    cfg = PreprocessConfig(preset="tiny", shard_size=12, encoders=str(base), latent_views=("target", "reference"))
-    output = str(root / "dataset")
-    plan = load_or_create_plan(str(root / "corpus"), output, cfg)
-    encoder = ShardEncoder(cfg)
-    for k, shard in enumerate(plan.shards):
-        process_shard(output, k, shard, cfg, encoder)
-    assert write_manifest(output, cfg, plan, completed_shards(output))["complete"]
-    return root
+def data(tiny_dataset):
+    return tiny_dataset
 
 
 def train(root: Path, *args: str, timeout: int = 600, kill_worker_after_checkpoint: bool = False):
@@ -111,38 +93,3 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     client, runs = mlflow_runs(data)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 12
-
-
-def test_plugin_stage_trains_only_the_plugin_and_adapters(data):
-    """Stage 2 from the stage-1 export of the test above: the export keeps every stage-1 weight
-    bit-identical and adds a plugin whose adapters have moved off their zero init."""
-    import numpy as np
-    import torch
-
-    from model.colorizer import Colorizer
-    from pipelines.synthetic import synthetic_illustration
-
-    stage1, stage2 = data / "stage1", data / "stage2"
-    assert (stage1 / "config.json").is_file(), "needs the backbone test's export"
-    train(data, "--stage", "plugin", "--model", str(stage1), "--steps", "3", "--checkpoint-every", "3",
-          "--export", str(stage2))
-
-    before = Colorizer.from_pretrained(stage1)
-    after = Colorizer.from_pretrained(stage2)
-    assert before.plugin is None and after.plugin is not None
-    old, new = before.state_dict(), after.state_dict()
-    for name, tensor in old.items():
-        assert torch.equal(new[name], tensor), f"frozen weight {name} changed in stage 2"
-    adapters = {k: v for k, v in new.items() if ".processor." in k and k.endswith(".up.weight")}
-    assert adapters and all(v.abs().sum() > 0 for v in adapters.values())
-
-    picture = synthetic_illustration(seed=2, width=96, height=96)
-    on = np.asarray(after.colorize(picture.sketch, picture.color, steps=2, size=(96, 96), plugin=True))
-    off = np.asarray(after.colorize(picture.sketch, picture.color, steps=2, size=(96, 96), plugin=False))
-    assert not np.array_equal(on, off)
-
-    client, runs = mlflow_runs(data)
-    by_stage = {run.data.params["stage"]: run for run in runs}
-    assert set(by_stage) == {"backbone", "plugin"}
-    plugin_losses = [m.value for m in client.get_metric_history(by_stage["plugin"].info.run_id, "loss")]
-    assert len(plugin_losses) == 3 and all(np.isfinite(plugin_losses))
