@@ -2,15 +2,17 @@
 
 The chain so far, each step skipped when its output already exists:
 
-1. make a synthetic corpus (with a few damaged files, as real corpora have);
+1. make a synthetic corpus (with a few damaged files, as real corpora have) and a held-out one;
 2. assemble the base model folder (tiny preset, random init; holds the frozen encoders);
-3. preprocess the corpus with Ray Data (sketches, masks, tokens, latents → Parquet shards);
-4. train stage 1 (backbone with the Gram loss) and stage 2 (plugin) with Ray Train + DeepSpeed on two
-   CPU workers, tracked in MLflow (``outputs/demo/mlflow.db``);
-5. serve the trained model with Ray Serve and send it one HTTP request: a dataset sketch after another
-   image's reference; the returned PNG is saved (``--keep-serving`` leaves the app and its web page up).
+3. preprocess both corpora with Ray Data (sketches, masks, tokens, latents → Parquet shards);
+4. train stage 1 (backbone with the Gram loss) with Ray Train + DeepSpeed ZeRO-2 on two CPU workers,
+5. then stage 2 (plugin), both tracked in MLflow (``outputs/demo/mlflow.db``);
+6. evaluate the stage-2 model on the held-out set with the Table 1 protocol (Ray Data actors), logged to
+   MLflow next to its training run;
+7. serve it with Ray Serve and send one HTTP request: a dataset sketch after another image's reference;
+   the returned PNG is saved (``--keep-serving`` leaves the app and its web page up).
 
-Evaluation joins this chain as that job lands. A tiny model trained for a minute learns
+The whole chain is one MLflow trace (a span per step). A second run reuses every finished step. A tiny model trained for a minute learns
 colors and coarse layout at best; the point is the whole system running, not the picture.
 
     python jobs/demo.py --out outputs/demo
@@ -19,8 +21,10 @@ colors and coarse layout at best; the point is the whole system running, not the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,9 +67,10 @@ def serve_and_request(model_folder: str, dataset: str, out_dir: str, seed: int, 
     from serve.app import build_app
 
     where, sketch_png, reference_jpeg = demo_pair(dataset)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    quiet = {"log_level": "WARNING"}  # Serve's INFO lines would bury the demo's report; they stay in Ray's log files
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     serve.run(build_app({"model": model_folder, "num_cpus": 1, "max_batch_size": 2}), name="colorize",
-              route_prefix="/")
+              route_prefix="/", logging_config=quiet)
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     response = requests.post(f"{url}/v1/colorize", timeout=600, files={
@@ -96,69 +101,186 @@ def serve_and_request(model_folder: str, dataset: str, out_dir: str, seed: int, 
             "url": f"{url}/v1/colorize", "seconds": round(seconds, 3), "parameters": parameters, **where}
 
 
-def main(argv: list[str] | None = None) -> int:
+class Chain:
+    """The demo's steps as one MLflow trace (a span per step, with what it produced) and a timing table."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifacts: Path):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(tracking_uri)
+        if mlflow.get_experiment_by_name(experiment) is None:  # where the trainer would put it, too
+            mlflow.create_experiment(experiment, artifact_location=artifacts.as_uri())
+        mlflow.set_experiment(experiment)
+        self.timings: list[tuple[str, float, str]] = []
+        self.root = None
+
+    @contextlib.contextmanager
+    def trace(self, **attributes):
+        with self.mlflow.start_span(name="make demo") as root:
+            root.set_attributes(attributes)
+            self.root = root
+            yield
+        self.mlflow.flush_trace_async_logging()
+
+    @contextlib.contextmanager
+    def step(self, name: str, **attributes):
+        """Yields a dict the step fills with its outputs (they become the span's outputs)."""
+        outputs: dict = {}
+        started = time.perf_counter()
+        print(f"[demo] {len(self.timings) + 1}. {name}", flush=True)
+        with self.mlflow.start_span(name=name) as span:
+            span.set_attributes({k: str(v) for k, v in attributes.items()})
+            yield outputs
+            span.set_outputs(outputs)
+        self.timings.append((name, time.perf_counter() - started, outputs.get("note", "")))
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.root.trace_id if self.root is not None else None
+
+
+def preprocess(corpus: Path, dataset: Path, base: Path) -> dict:
+    cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "reference"))
+    done_before = (dataset / "manifest.json").is_file() and json.loads((dataset / "manifest.json").read_text()).get("complete")
+    manifest = run_preprocess(str(corpus), str(dataset), cfg)
+    return {"dataset": str(dataset), "rows": manifest["rows"], "errors": manifest["errors"],
+            "inputs": manifest["inputs"], "note": "already done, skipped" if done_before else ""}
+
+
+def train_stage(stage: str, start: Path, dataset: Path, export: Path, steps: int, out: Path, tracking: str) -> dict:
+    """One stage with the same trainer as ``jobs/train.py``; skipped when its export exists."""
+    if (export / "config.json").is_file():
+        return {"export": str(export), "note": "already trained, skipped"}
+    train_args = train_parser().parse_args([
+        "--stage", stage, "--model", str(start), "--data", str(dataset), "--export", str(export),
+        "--steps", str(steps), "--batch-size", "2", "--workers", "2", "--cpus-per-worker", "0.5",
+        "--checkpoint-every", str(max(1, steps // 2)), "--sample-every", "0",
+        "--storage", str(out / "runs"), "--run-name", "demo", "--mlflow-uri", tracking])
+    result = make_trainer(train_args).fit()
+    return {"export": str(export), "steps": steps, "final_loss": result.metrics.get("loss")}
+
+
+def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: int, seed: int, tracking: str) -> dict:
+    """The Table 1 protocol on the validation set, over Ray Data actors; reused when already measured.
+
+    No Inception or CLIP weight files ship with the demo (nothing is downloaded), so it asks for the named
+    substitutes: the model's own CLIP tower for both; the table and every MLflow key say so."""
+    from jobs.evaluate import ray_runner
+    from pipelines.eval_mlflow import log_to_mlflow
+    from pipelines.evaluation import EvaluationConfig, evaluate
+
+    config = EvaluationConfig(samples=samples, steps=steps, seed=seed, fid_extractor="substitute:clip",
+                              clip_extractor="substitute:model", device="cpu", batch_size=4)
+    folder = out / "eval"
+    if (folder / "metrics.json").is_file() and (folder / "metrics.md").is_file():
+        saved = json.loads((folder / "metrics.json").read_text())
+        if saved["settings"]["setting"] == config.setting(steps) and saved["settings"]["model"] == str(model):
+            return {"metrics": saved["metrics"], "table": (folder / "metrics.md").read_text(),
+                    "files": str(folder), "run": saved.get("mlflow_run"), "note": "already measured, reused"}
+    report = evaluate(str(model), str(dataset), config, runner=ray_runner(1, False, 1.0))
+    run_id = log_to_mlflow(report, model, tracking_uri=tracking)
+    report.write(folder)
+    saved = json.loads((folder / "metrics.json").read_text()) | {"mlflow_run": run_id}
+    (folder / "metrics.json").write_text(json.dumps(saved, indent=2))
+    return {"metrics": report.metrics, "table": report.markdown(), "files": str(folder), "run": run_id}
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/demo", help="where everything goes")
-    parser.add_argument("--images", type=int, default=32, help="size of the synthetic corpus")
+    parser.add_argument("--images", type=int, default=32, help="size of the synthetic training corpus")
+    parser.add_argument("--val-images", type=int, default=8, help="size of the held-out validation corpus")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=8, help="sampling steps of the final colorization")
+    parser.add_argument("--steps", type=int, default=8, help="sampling steps of the evaluation and the request")
     parser.add_argument("--train-steps", type=int, default=40, help="stage-1 steps (stage 2 runs a quarter)")
+    parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--port", type=int, default=8000, help="the Serve HTTP port (loopback only)")
     parser.add_argument("--keep-serving", action="store_true",
                         help="leave the app up at the end (open http://127.0.0.1:PORT/ for the artists' page)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    corpus = out / "corpus"
-    if not corpus.is_dir():
-        print("[demo] 1/5 making a synthetic corpus:", json.dumps(make_corpus(corpus, args.images, True, args.seed)))
-    else:
-        print(f"[demo] 1/5 corpus exists: {corpus}")
-    base = init_model(out / "base", "tiny", seed=args.seed)
-    print(f"[demo] 2/5 base model folder: {base}")
+    tracking = f"sqlite:///{out / 'mlflow.db'}"
+    chain = Chain(tracking, "colorize-xl", out / "mlartifacts")
+    corpus, val_corpus = out / "corpus", out / "val_corpus"
+    dataset, val_dataset = out / "dataset", out / "val_dataset"
+    stage1, stage2 = out / "stage1", out / "stage2"
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    try:
-        dataset = out / "dataset"
-        print(f"[demo] 3/5 preprocessing {corpus} → {dataset}")
-        cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "reference"))
-        manifest = run_preprocess(str(corpus), str(dataset), cfg)
-        trained = base
-        runs = {}
-        for stage, steps in (("backbone", args.train_steps), ("plugin", max(1, args.train_steps // 4))):
-            export = out / ("stage1" if stage == "backbone" else "stage2")
-            if (export / "config.json").is_file():
-                print(f"[demo] 4/5 {stage} stage already trained: {export}")
-            else:
-                print(f"[demo] 4/5 training the {stage} stage for {steps} steps (Ray Train + DeepSpeed, 2 workers)")
-                train_args = train_parser().parse_args([
-                    "--stage", stage, "--model", str(trained), "--data", str(dataset), "--export", str(export),
-                    "--steps", str(steps), "--batch-size", "2", "--workers", "2", "--cpus-per-worker", "0.5",
-                    "--checkpoint-every", str(max(1, steps // 2)), "--sample-every", "0",
-                    "--storage", str(out / "runs"), "--run-name", "demo",
-                    "--mlflow-uri", f"sqlite:///{out / 'mlflow.db'}"])
-                make_trainer(train_args).fit()
-            runs[stage] = str(export)
-            trained = export
-        print("[demo] 5/5 serving the trained model with Ray Serve and sending it one HTTP request")
-        report = serve_and_request(str(trained), str(dataset), str(out), args.seed, args.steps, args.port,
-                                   args.keep_serving)
-    finally:
-        ray.shutdown()
+    with chain.trace(out=str(out), preset="tiny", images=args.images, train_steps=args.train_steps):
+        with chain.step("make a synthetic corpus (training, with damaged files; held-out validation)") as o:
+            for folder, count, bad, seed in ((corpus, args.images, True, args.seed),
+                                             (val_corpus, args.val_images, False, args.seed + 1)):
+                if not folder.is_dir():
+                    o[folder.name] = make_corpus(folder, count, bad, seed)
+            o["note"] = "" if o else "already made, reused"
+        with chain.step("assemble the base model folder (tiny preset, random init)") as o:
+            o["model"] = str(init_model(out / "base", "tiny", seed=args.seed))
+        # Ray Data's per-operator progress (from the training data splitters too) would bury the demo's own
+        # lines; the dashboard is on because Ray Train's cleaner polls the state API it serves.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        context = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
+        print(f"[demo] local Ray up; its dashboard: http://{context.dashboard_url}", flush=True)
+        try:
+            with chain.step("preprocess with Ray Data (sketches, masks, tokens, latents → Parquet)") as o:
+                train_data = preprocess(corpus, dataset, out / "base")
+                val_data = preprocess(val_corpus, val_dataset, out / "base")
+                o.update(train_data | {"validation": val_data})
+            with chain.step("train stage 1: backbone + Gram loss (Ray Train + DeepSpeed ZeRO-2, 2 workers)") as o:
+                o.update(train_stage("backbone", out / "base", dataset, stage1, args.train_steps, out, tracking))
+            with chain.step("train stage 2: plugin + split attention (Ray Train + DeepSpeed ZeRO-2)") as o:
+                o.update(train_stage("plugin", stage1, dataset, stage2, max(1, args.train_steps // 4), out, tracking))
+            with chain.step("evaluate on the validation set (Table 1 protocol, Ray Data actors)") as o:
+                evaluation = evaluate_model(stage2, val_dataset, out, args.eval_samples, args.steps, args.seed,
+                                            tracking)
+                o.update({k: v for k, v in evaluation.items() if k != "table"})
+            with chain.step("serve with Ray Serve and send one HTTP request") as o:
+                o.update(serve_and_request(str(stage2), str(dataset), str(out), args.seed, args.steps, args.port,
+                                           args.keep_serving))
+                colorized = dict(o)
+        finally:
+            ray.shutdown()
 
-    summary = {
-        "dataset": str(dataset), "rows": manifest["rows"], "errors": manifest["errors"], "inputs": manifest["inputs"],
-        "models": {"base": str(base), **runs}, "colorized": report, "seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(summary, indent=2))
-    print(f"\n[demo] dataset: {dataset} ({manifest['rows']} rows, {manifest['errors']} errors in "
-          f"{dataset / 'errors'})\n[demo] colorized image: {report['image']}\n[demo] sketch | reference | result: "
-          f"{report['strip']}\n[demo] serve it again: serve run serve/config.yaml (model: {trained})"
-          f"\n[demo] experiments: mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}"
-          f"\n[demo] on a cluster: ray job submit --working-dir . -- python jobs/preprocess.py "
-          f"--input <corpus> --output <dataset> --encoders <model folder> --preset sdxl")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name("colorize-xl")
+    training_runs = {r.data.tags.get("colorize.stage"): r.info.run_id for r in client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`colorize.run_name` = 'demo'")}
+    seconds = round(time.perf_counter() - started, 1)
+    summary = {"out": str(out), "dataset": train_data, "validation": val_data, "models": {
+        "base": str(out / "base"), "stage1": str(stage1), "stage2": str(stage2)},
+        "mlflow": {"uri": tracking, "training_runs": training_runs, "evaluation_run": evaluation["run"],
+                   "trace": chain.trace_id},
+        "metrics": evaluation["metrics"], "colorized": colorized, "seconds": seconds,
+        "steps": [{"step": n, "seconds": round(t, 1), "note": note} for n, t, note in chain.timings]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    width = max(len(n) for n, _, _ in chain.timings)
+    print("\n[demo] what ran (one MLflow trace, id " + str(chain.trace_id) + "):")
+    for name, took, note in chain.timings:
+        print(f"  {name:<{width}}  {took:7.1f} s  {note}")
+    print(f"  {'total':<{width}}  {seconds:7.1f} s")
+    print(f"\n[demo] dataset: {dataset}: {train_data['rows']} rows + {train_data['errors']} errors = "
+          f"{train_data['inputs']} inputs (errors with reasons in {dataset / 'errors'}); validation: {val_dataset} "
+          f"({val_data['rows']} rows)")
+    print(f"[demo] models: {stage1} (stage 1), {stage2} (stage 2)")
+    print(f"[demo] MLflow runs: {', '.join(f'{k} {v}' for k, v in training_runs.items())}; evaluation "
+          f"{evaluation['run']}\n[demo] look at them: mlflow ui --backend-store-uri {tracking}")
+    print(f"[demo] metrics ({evaluation['files']}):\n\n{evaluation['table']}")
+    print(f"[demo] colorized image (from {colorized['url']}): {colorized['image']}\n"
+          f"[demo] sketch | reference | result: {colorized['strip']}\n"
+          f"[demo] summary: {out / 'summary.json'}\n"
+          f"[demo] serve it again: serve run serve/config.yaml   (its model is {stage2}); the artists' page is at "
+          f"http://127.0.0.1:8000/\n"
+          f"[demo] on a cluster, the same jobs: see cluster/README.md, e.g. ray job submit --working-dir . -- "
+          f"python jobs/preprocess.py --input s3://bucket/corpus --output s3://bucket/datasets/v1 "
+          f"--encoders /mnt/shared/models/base --preset sdxl")
     return 0
 
 

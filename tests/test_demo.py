@@ -1,0 +1,79 @@
+"""`make demo`'s chain at its smallest settings, as a newcomer runs it (a subprocess on a local Ray): corpus →
+preprocess → stage 1 → stage 2 → evaluate → serve → one HTTP request → image; then a second run that
+reuses every finished step."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_demo(out: Path, port: int) -> tuple[dict, str]:
+    command = [sys.executable, str(ROOT / "jobs" / "demo.py"), "--out", str(out), "--images", "12",
+               "--val-images", "4", "--train-steps", "4", "--eval-samples", "4", "--steps", "2", "--port", str(port)]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
+    done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return json.loads((out / "summary.json").read_text()), done.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("demo") / "out"
+    first = run_demo(out, port)
+    second = run_demo(out, port)
+    return out, first, second
+
+
+def test_the_chain_runs_end_to_end_and_says_where_to_look(demo):
+    import mlflow
+
+    out, (summary, stdout), _ = demo
+    data = summary["dataset"]
+    assert data["rows"] + data["errors"] == data["inputs"] and data["errors"] > 0  # the damaged files are accounted for
+    assert summary["validation"]["rows"] == 4 and summary["validation"]["errors"] == 0
+    image = Image.open(summary["colorized"]["image"])
+    assert image.format == "PNG" and image.size == tuple(summary["colorized"]["size"])
+    assert summary["colorized"]["url"].endswith("/v1/colorize")
+    assert summary["colorized"]["parameters"]["plugin"] == "true"  # the stage-2 model answered
+    assert summary["metrics"] and all(math.isfinite(v) for v in summary["metrics"].values())
+
+    client = mlflow.MlflowClient(tracking_uri=summary["mlflow"]["uri"])
+    training = summary["mlflow"]["training_runs"]
+    assert set(training) == {"backbone", "plugin"}
+    evaluation = client.get_run(summary["mlflow"]["evaluation_run"])
+    assert evaluation.data.tags["colorize.evaluates"] == training["plugin"]
+    trace = client.get_trace(summary["mlflow"]["trace"])
+    spans = [s.name for s in trace.data.spans]
+    assert spans[0] == "make demo" and len(spans) == 8  # the root and one span per step
+    assert [s["step"] for s in summary["steps"]] == spans[1:]
+
+    for where in (str(out / "dataset"), "mlflow ui --backend-store-uri", summary["colorized"]["image"],
+                  "| Paper (Table 1) |", "ray job submit", training["backbone"]):
+        assert where in stdout, where
+
+
+def test_a_second_run_reuses_what_exists(demo):
+    _, (first, _), (second, stdout) = demo
+    notes = {s["step"].split(":")[0].split(" (")[0]: s["note"] for s in second["steps"]}
+    assert notes["preprocess with Ray Data"] == "already done, skipped"
+    assert notes["train stage 1"] == "already trained, skipped"
+    assert notes["train stage 2"] == "already trained, skipped"
+    assert notes["evaluate on the validation set"] == "already measured, reused"
+    assert second["models"] == first["models"] and second["metrics"] == first["metrics"]
+    assert second["seconds"] < first["seconds"] / 2, (first["seconds"], second["seconds"])
+    assert Path(second["colorized"]["image"]).is_file()
