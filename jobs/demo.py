@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] colorized image (from {colorized['url']}): {colorized['image']}\n"
           f"[demo] sketch | reference | result: {colorized['strip']}\n"
           f"[demo] summary: {out / 'summary.json'}\n"
-          f"[demo] serve it again: serve run serve/config.yaml   (its model is {stage2}); the artists' page is at "
-          f"http://127.0.0.1:8000/\n"
+          f"[demo] serve it again (CPU): serve run serve.app:build_app model={stage2} num_gpus=0 dtype=float32\n"
+          f"       then open http://127.0.0.1:8000/ (the artists' page); on GPUs: serve run serve/config.yaml\n"
           f"[demo] on a cluster, the same jobs: see cluster/README.md, e.g. ray job submit --working-dir . -- "
           f"python jobs/preprocess.py --input s3://bucket/corpus --output s3://bucket/datasets/v1 "
           f"--encoders /mnt/shared/models/base --preset sdxl")
