@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.evaluate import ray_runner  # noqa: E402
-from jobs.train import absolute, make_trainer  # noqa: E402
+from jobs.train import absolute, make_trainer, tracking_uri  # noqa: E402
 from jobs.train import build_parser as train_parser  # noqa: E402
 from pipelines.ablation import (AblationSettings, RungResult, ablation_table, rung,  # noqa: E402
                                 write_results)
@@ -76,7 +76,7 @@ def settings_from_args(args) -> AblationSettings:
                             rungs=tuple(args.rungs) if args.rungs else defaults.rungs)
 
 
-def train_rung(settings: AblationSettings, name: str, args, tracking_uri: str) -> None:
+def train_rung(settings: AblationSettings, name: str, args, store: str) -> None:
     """Train one rung with the same code as ``jobs/train.py`` (skipped when its export exists)."""
     if (Path(settings.export(name)) / "config.json").is_file():
         print(f"[ablate] {name}: already exported at {settings.export(name)}", flush=True)
@@ -84,14 +84,14 @@ def train_rung(settings: AblationSettings, name: str, args, tracking_uri: str) -
     flags = settings.train_args(rung(name)) + [
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--workers", str(args.workers),
         "--cpus-per-worker", str(args.cpus_per_worker), "--seed", str(args.seed),
-        "--storage", absolute(args.storage or str(Path(settings.out) / "runs")), "--mlflow-uri", tracking_uri,
+        "--storage", absolute(args.storage or str(Path(settings.out) / "runs")), "--mlflow-uri", store,
         "--checkpoint-every", str(max(1, args.steps // 4)), "--sample-every", "0"] + (["--gpu"] if args.gpu else [])
     print(f"[ablate] {name}: training ({' '.join(flags)})", flush=True)
     make_trainer(train_parser().parse_args(flags)).fit()
 
 
 def measure_rung(settings: AblationSettings, name: str, config: EvaluationConfig, runner, pairs: int,
-                 tracking_uri: str) -> RungResult:
+                 store: str) -> RungResult:
     """Table 1 metrics and the entanglement measures of one rung's export, logged to MLflow."""
     import mlflow
 
@@ -103,12 +103,12 @@ def measure_rung(settings: AblationSettings, name: str, config: EvaluationConfig
     export = settings.export(name)
     report = evaluate(export, settings.eval_data, replace(config, method=name), runner=runner)
     report.write(Path(settings.out) / "eval" / name)
-    evaluation_run = log_to_mlflow(report, export, tracking_uri=tracking_uri, experiment=settings.experiment)
+    evaluation_run = log_to_mlflow(report, export, tracking_uri=store, experiment=settings.experiment)
 
     rows = read_all(settings.eval_data, columns=["image", "sketches", "sketch_extractors"]).slice(0, pairs).to_pylist()
     model = Colorizer.from_pretrained(export)
     entanglement = spatial_entanglement(model, rows, seed=config.seed, steps=config.steps).to_json()
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    client = mlflow.MlflowClient(tracking_uri=store)
     experiment = client.get_experiment_by_name(settings.experiment)
     training_run = find_training_run(client, experiment.experiment_id, training_record(export))
     for target in filter(None, (training_run, evaluation_run)):
@@ -125,16 +125,16 @@ def run_ablation(args) -> tuple[list[RungResult], str]:
 
     settings = settings_from_args(args)
     names = settings.rung_names()
-    tracking_uri = args.mlflow_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    tracking = tracking_uri(args.mlflow_uri)
     config = EvaluationConfig(samples=args.samples, seed=args.seed, steps=args.eval_steps, size=parse_size(args.size),
                               fid_extractor=args.fid_extractor, inception_weights=args.inception_weights,
                               clip_extractor=args.clip_extractor, clip_weights=args.clip_weights,
                               device=None if args.gpu else "cpu")
     config.choices()  # a missing extractor stops the ablation before any training
     for name in names:
-        train_rung(settings, name, args, tracking_uri)
+        train_rung(settings, name, args, tracking)
     runner = None if args.local_eval else ray_runner(args.workers, args.gpu, args.cpus_per_worker)
-    results = [measure_rung(settings, name, config, runner, args.entanglement_pairs, tracking_uri) for name in names]
+    results = [measure_rung(settings, name, config, runner, args.entanglement_pairs, tracking) for name in names]
     budget = f"{settings.steps} stage-1 steps per backbone rung, {settings.plugin_steps} plugin steps"
     caption = (f"{budget}, {args.workers} worker(s) × batch {args.batch_size}; evaluated on {settings.eval_data} "
                f"({len(names)} rungs, the same samples and seed for each). Entanglement over "
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     print(markdown)
-    uri = args.mlflow_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    uri = tracking_uri(args.mlflow_uri)
     print(json.dumps({"experiment": args.experiment, "runs": {r.rung: r.training_run for r in results},
                       "table": str(Path(absolute(args.out)) / "ablation.md"),
                       "compare": f"python jobs/compare.py --experiment {args.experiment} --mlflow-uri {uri}"}))

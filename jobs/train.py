@@ -35,6 +35,19 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
+def tracking_uri(given: str | None) -> str:
+    """The MLflow store every process agrees on: Ray workers run in other directories, so a relative
+    ``sqlite:///file.db`` is made absolute here, and its folder created (default: ``mlflow.db`` in the
+    working directory)."""
+    uri = given or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        database = Path(uri[len(prefix):]).resolve()
+        database.parent.mkdir(parents=True, exist_ok=True)  # sqlite would fail with "unable to open" instead
+        uri = prefix + str(database)
+    return uri
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES, required=True)
@@ -77,7 +90,7 @@ def read_manifest(dataset: str) -> dict:
 
 def make_trainer(args) -> TorchTrainer:
     manifest = read_manifest(absolute(args.data))
-    tracking = args.mlflow_uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+    tracking = tracking_uri(args.mlflow_uri)
     cfg = TrainConfig(
         stage=args.stage, model=absolute(args.model), dataset=absolute(args.data), export=absolute(args.export),
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, gradient_checkpointing=not args.no_gradient_checkpointing,

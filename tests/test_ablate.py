@@ -30,6 +30,17 @@ def test_ladder_settings_are_checked_before_any_work(tmp_path):
     assert flags[flags.index("--gram-weight") + 1] == "0.0"
 
 
+def test_relative_sqlite_stores_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from jobs.train import tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert tracking_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path / 'runs' / 'x.db'}"
+    assert (tmp_path / "runs").is_dir()
+    assert tracking_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
 @pytest.fixture(scope="module")
 def ablation(tiny_dataset):
     root = tiny_dataset
