@@ -223,10 +223,15 @@ def main(argv: list[str] | None = None) -> int:
 
     served: list[tuple[str, int, dict]] = []
 
-    def report(mode: str, concurrency: int, measured: dict) -> None:
-        served.append((mode, concurrency, measured))
-        emit({"bench": "serve", "mode": mode, "concurrency": concurrency, "raw": True,
-              **{k: round(v, 4) for k, v in measured.items()}})
+    def measure(mode: str, port: int, first_seed: int) -> None:
+        """Every concurrency level against the server on ``port``, once it answers."""
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        for concurrency in args.concurrency:
+            measured = load(url + "/v1/colorize", files, fields, args.requests, concurrency, first_seed)
+            served.append((mode, concurrency, measured))
+            emit({"bench": "serve", "mode": mode, "concurrency": concurrency, "raw": True,
+                  **{k: round(v, 4) for k, v in measured.items()}})
 
     if "http" in args.modes:
         port = free_port()
@@ -235,10 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                                  daemon=True)
         server.start()
         try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url)
-            for concurrency in args.concurrency:
-                report("http", concurrency, load(url + "/v1/colorize", files, fields, args.requests, concurrency, 2000))
+            measure("http", port, 2000)
         finally:
             server.terminate()
             server.join(30)
@@ -258,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "num_cpus": args.threads, "num_gpus": 1 if gpu else 0,
                                  "max_batch_size": args.max_batch_size, "max_ongoing_requests": 16,
                                  "max_queued_requests": -1}), name="bench", route_prefix="/")
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url)
-            for concurrency in args.concurrency:
-                report("serve", concurrency, load(url + "/v1/colorize", files, fields, args.requests, concurrency, 3000))
+            measure("serve", port, 3000)
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -38,7 +38,9 @@ MIN_ID_PREFIX = 6
 # Which way is better, by the words of a metric's name: `diffusion_loss`, `eval/fid`, `ms_ssim`, `clip_score`.
 LOWER_IS_BETTER_WORDS = frozenset({"loss", "fid", "kid", "lpips", "mse", "mae"})
 HIGHER_IS_BETTER_WORDS = frozenset({"psnr", "ssim", "clip", "cosine", "accuracy"})
-DIRECTION_BY_NAME = {"samples_per_s": "max", "gpu_memory_gib": "min"}
+DIRECTION_BY_NAME = {"samples_per_s": "max", "gpu_memory_gib": "min",
+                     # spatial entanglement (pipelines/entanglement.py); line_agreement_aligned is a baseline
+                     "gram_distance": "min", "line_agreement": "max"}
 ARROWS = {"min": "↓", "max": "↑", None: ""}
 
 
