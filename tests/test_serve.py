@@ -48,17 +48,13 @@ def pair():
 def model_folder(tmp_path_factory):
     """A tiny model whose sketch encoder is not at its zero init, so the sketch visibly steers the output
     (as after training); a fresh model ignores its sketch entirely."""
-    import torch
-
+    from conftest import _wake_up
     from jobs.init_model import init_model
     from model.colorizer import Colorizer
 
     folder = init_model(tmp_path_factory.mktemp("serve") / "init", "tiny")
     model = Colorizer.from_pretrained(folder)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.sketch_encoder.outputs.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    _wake_up(model)
     return model.save_pretrained(folder.parent / "model")
 
 
