@@ -29,13 +29,13 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from model.config import get_preset  # noqa: E402
-from pipelines.buckets import buckets_for, crop_to_bucket, letterbox, nearest_bucket  # noqa: E402
-from pipelines.decode import decode_image  # noqa: E402
-from pipelines.masks import reference_foreground, sketch_foreground  # noqa: E402
-from pipelines.preprocess import PreprocessConfig, _prepare_one, jpeg_bytes, png_bytes  # noqa: E402
-from pipelines.sketches import CLASSIC_EXTRACTORS, invert  # noqa: E402
-from pipelines.sources import InputItem  # noqa: E402
-from pipelines.synthetic import synthetic_illustration  # noqa: E402
+from model.geometry import buckets_for, crop_to_bucket, letterbox, nearest_bucket  # noqa: E402
+from model.image_io import decode_image  # noqa: E402
+from model.masks import reference_foreground, sketch_foreground  # noqa: E402
+from pipelines.data.shards import PreprocessConfig, _prepare_one, jpeg_bytes, png_bytes  # noqa: E402
+from model.line_art import CLASSIC_EXTRACTORS, invert  # noqa: E402
+from pipelines.data.corpus import InputItem  # noqa: E402
+from pipelines.data.synthetic import synthetic_illustration  # noqa: E402
 
 
 def emit(record: dict) -> None:

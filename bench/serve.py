@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from model.colorizer import Colorizer
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.data.synthetic import synthetic_illustration
 
     torch.set_num_threads(args.threads)
     workdir = tempfile.TemporaryDirectory(prefix="bench-serve-")

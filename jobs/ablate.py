@@ -11,7 +11,7 @@ each the same way, and print one table with the spatial-entanglement measures.
         --eval-steps 4 --fid-extractor substitute:clip --clip-extractor substitute:model   # tiny, local Ray
 
 Rungs already exported under --out are not trained again (a killed ablation resumes rung by rung, and
-inside a rung from Ray Train's last checkpoint). The rungs (pipelines/ablation.py) are MLflow runs
+inside a rung from Ray Train's last checkpoint). The rungs (pipelines/experiments/ablation.py) are MLflow runs
 ``<name>-<rung>`` in --experiment; compare them with ``python jobs/compare.py --experiment <experiment>``.
 """
 
@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.evaluate import ray_runner  # noqa: E402
 from jobs.train import absolute, make_trainer, tracking_uri  # noqa: E402
 from jobs.train import build_parser as train_parser  # noqa: E402
-from pipelines.ablation import (AblationSettings, RungResult, ablation_table, rung,  # noqa: E402
+from pipelines.experiments.ablation import (AblationSettings, RungResult, ablation_table, rung,  # noqa: E402
                                 write_results)
-from pipelines.evaluation import EvaluationConfig, evaluate  # noqa: E402
-from pipelines.metrics import CLIP_EXTRACTORS, FID_EXTRACTORS  # noqa: E402
+from pipelines.evaluation.protocol import EvaluationConfig, evaluate  # noqa: E402
+from pipelines.evaluation.metrics import CLIP_EXTRACTORS, FID_EXTRACTORS  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +96,9 @@ def measure_rung(settings: AblationSettings, name: str, config: EvaluationConfig
     import mlflow
 
     from model.colorizer import Colorizer
-    from pipelines.dataset import read_all
-    from pipelines.entanglement import spatial_entanglement
-    from pipelines.eval_mlflow import find_training_run, log_to_mlflow, training_record
+    from pipelines.data.layout import read_all
+    from pipelines.evaluation.entanglement import spatial_entanglement
+    from pipelines.evaluation.mlflow_report import find_training_run, log_to_mlflow, training_record
 
     export = settings.export(name)
     report = evaluate(export, settings.eval_data, replace(config, method=name), runner=runner)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.experiments import (  # noqa: E402
+from pipelines.experiments.compare import (  # noqa: E402
     find_experiment,
     log_comparison,
     open_store,

@@ -39,14 +39,14 @@ from jobs.init_model import init_model  # noqa: E402
 from jobs.train import build_parser as train_parser  # noqa: E402
 from jobs.train import make_trainer  # noqa: E402
 from jobs.make_corpus import make_corpus  # noqa: E402
-from pipelines.dataset import read_all  # noqa: E402
-from pipelines.preprocess import PreprocessConfig  # noqa: E402
-from pipelines.ray_preprocess import run_preprocess  # noqa: E402
+from pipelines.data.layout import read_all  # noqa: E402
+from pipelines.data.shards import PreprocessConfig  # noqa: E402
+from pipelines.data.ray_stream import run_preprocess  # noqa: E402
 
 
 def demo_pair(dataset: str) -> tuple[dict, bytes, bytes]:
     """The first row's sketch (as a drawing, PNG) and the last row's image as its reference (JPEG bytes)."""
-    from pipelines.sketches import invert
+    from model.line_art import invert
 
     rows = read_all(dataset, columns=["source", "image", "sketches"]).to_pylist()
     sketch_row, reference_row = rows[0], rows[-1]
@@ -167,8 +167,8 @@ def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: i
     No Inception or CLIP weight files ship with the demo (nothing is downloaded), so it asks for the named
     substitutes: the model's own CLIP tower for both; the table and every MLflow key say so."""
     from jobs.evaluate import ray_runner
-    from pipelines.eval_mlflow import log_to_mlflow
-    from pipelines.evaluation import EvaluationConfig, evaluate
+    from pipelines.evaluation.mlflow_report import log_to_mlflow
+    from pipelines.evaluation.protocol import EvaluationConfig, evaluate
 
     config = EvaluationConfig(samples=samples, steps=steps, seed=seed, fid_extractor="substitute:clip",
                               clip_extractor="substitute:model", device="cpu", batch_size=4)

@@ -8,7 +8,7 @@
         --fid-extractor substitute:clip --clip-extractor substitute:model --local      # tiny, one process
 
 FID uses randomly drawn references, PSNR / MS-SSIM / CLIP references deformed from the ground truth
-(pipelines/evaluation.py). Without --inception-weights or --clip-weights the job stops and says so;
+(pipelines/evaluation/protocol.py). Without --inception-weights or --clip-weights the job stops and says so;
 a substitute extractor is used only when asked for, and is then named in every label and key. Ray
 Data actors (one GPU each with --gpu) color and measure the batches; the driver computes the
 aggregates (FID needs every feature). Small runs (--local, or at most --local-below samples) run the
@@ -29,10 +29,10 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from pipelines.eval_mlflow import log_to_mlflow, tracking_uri_for  # noqa: E402
-from pipelines.evaluation import (ROW_COLUMNS, BatchEvaluator, EvaluationConfig, EvaluationPlan,  # noqa: E402
+from pipelines.evaluation.mlflow_report import log_to_mlflow, tracking_uri_for  # noqa: E402
+from pipelines.evaluation.protocol import (ROW_COLUMNS, BatchEvaluator, EvaluationConfig, EvaluationPlan,  # noqa: E402
                                   SampleSpec, evaluate, shard_paths)
-from pipelines.metrics import CLIP_EXTRACTORS, FID_EXTRACTORS  # noqa: E402
+from pipelines.evaluation.metrics import CLIP_EXTRACTORS, FID_EXTRACTORS  # noqa: E402
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image  # noqa: E402
 
-from pipelines.synthetic import synthetic_illustration  # noqa: E402
+from pipelines.data.synthetic import synthetic_illustration  # noqa: E402
 
 SIZES = ((256, 256), (320, 192), (192, 320), (288, 224), (240, 300))
 

@@ -5,7 +5,7 @@
     python jobs/preprocess.py --input outputs/corpus --output outputs/dataset --encoders outputs/base   # local Ray
 
 Inputs: a folder tree of images, or Parquet files with image bytes (``--image-column``) and an id/path
-column. Output layout and schema: pipelines/dataset.py and docs in README. Reruns skip finished shards;
+column. Output layout and schema: pipelines/data/layout.py and docs in README. Reruns skip finished shards;
 a killed run resumes where it stopped.
 """
 
@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ray  # noqa: E402
 
 from model.config import PRESETS  # noqa: E402
-from pipelines.preprocess import LATENT_VIEWS, PreprocessConfig  # noqa: E402
-from pipelines.ray_preprocess import ClusterOptions, run_preprocess  # noqa: E402
-from pipelines.sketches import DEFAULT_EXTRACTORS  # noqa: E402
+from pipelines.data.shards import LATENT_VIEWS, PreprocessConfig  # noqa: E402
+from pipelines.data.ray_stream import ClusterOptions, run_preprocess  # noqa: E402
+from model.line_art import DEFAULT_EXTRACTORS  # noqa: E402
 
 
 def parse_pairs(values: list[str]) -> dict[str, str]:

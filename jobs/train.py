@@ -27,8 +27,8 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
 
-from pipelines.train_loop import STAGES, TrainConfig, local_rank_environment, train_loop_per_worker  # noqa: E402
-from pipelines.training_data import columns_for, steps_per_epoch  # noqa: E402
+from pipelines.training.loop import STAGES, TrainConfig, local_rank_environment, train_loop_per_worker  # noqa: E402
+from pipelines.data.batches import columns_for, steps_per_epoch  # noqa: E402
 
 
 def absolute(path: str) -> str:

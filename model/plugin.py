@@ -212,8 +212,8 @@ def plugin_inputs(model, sketches: list, references: list, background_references
     (B, 1, H, W) of the sketches and of the references letterboxed to ``size`` (weight-free masks), and
     the references' latents (B, C, h, w). A separate background reference replaces the reference's latent
     and is all background (its mask is zero)."""
-    from pipelines.buckets import letterbox, resize
-    from pipelines.masks import reference_foreground, sketch_foreground
+    from model.geometry import letterbox, resize
+    from model.masks import reference_foreground, sketch_foreground
 
     width, height = size
     device, dtype = model.device, model.dtype

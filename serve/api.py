@@ -16,7 +16,7 @@ Routes (errors are JSON ``{"error": message, "status": code}``):
   the model has one), ``format`` (``png``: image/png with the parameters in ``X-*`` headers;
   ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch is a
   colored or photographed drawing; its lines are extracted first with ``line_extractor``, one of the
-  weight-free extractors of :mod:`pipelines.sketches`, default ``xdog``).
+  weight-free extractors of :mod:`model.line_art`, default ``xdog``).
 - ``GET /``: the artists' web page (``serve/static/index.html``); it needs no token to load, and sends the
   one typed into it with each call.
 """
@@ -44,8 +44,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.sizes import fit_size, validate_size
-from pipelines.decode import DecodeError, decode_image
-from pipelines.sketches import CLASSIC_EXTRACTORS
+from model.image_io import DecodeError, decode_image
+from model.line_art import CLASSIC_EXTRACTORS
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 

@@ -40,7 +40,7 @@ def _wake_up(model):
 
 @pytest.fixture()
 def drawing_pair():
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.data.synthetic import synthetic_illustration
 
     return synthetic_illustration(seed=3, width=128, height=96)
 
@@ -55,8 +55,8 @@ def tiny_dataset(tmp_path_factory):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from jobs.init_model import init_model
     from jobs.make_corpus import make_corpus
-    from pipelines.dataset import completed_shards, load_or_create_plan, write_manifest
-    from pipelines.preprocess import PreprocessConfig, ShardEncoder, process_shard
+    from pipelines.data.layout import completed_shards, load_or_create_plan, write_manifest
+    from pipelines.data.shards import PreprocessConfig, ShardEncoder, process_shard
 
     root = tmp_path_factory.mktemp("tiny-dataset")
     make_corpus(root / "corpus", count=24)

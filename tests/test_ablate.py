@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_ladder_settings_are_checked_before_any_work(tmp_path):
-    from pipelines.ablation import AblationSettings
+    from pipelines.experiments.ablation import AblationSettings
 
     settings = AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), rungs=("gram-plugin",))
     with pytest.raises(ValueError, match="starts from gram"):
@@ -26,7 +26,7 @@ def test_ladder_settings_are_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown rungs"):
         AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), rungs=("big",)).rung_names()
     flags = AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path)).train_args(
-        __import__("pipelines.ablation", fromlist=["rung"]).rung("no-gram"))
+        __import__("pipelines.experiments.ablation", fromlist=["rung"]).rung("no-gram"))
     assert flags[flags.index("--gram-weight") + 1] == "0.0"
 
 
@@ -114,7 +114,7 @@ def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
     import torch
 
     from model.colorizer import Colorizer
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.data.synthetic import synthetic_illustration
 
     out, _, _ = ablation
     before = Colorizer.from_pretrained(out / "gram")

@@ -1,6 +1,6 @@
 """jobs/compare.py over a real sqlite MLflow store: two training runs of an ablation that differ only in
 ``lr`` (params and tags as ``Tracker`` logs them, a few steps of the training metrics), an evaluation run
-for each (tags and keys as ``pipelines.eval_mlflow`` logs them), and a failed run that a default
+for each (tags and keys as ``pipelines.evaluation.mlflow_report`` logs them), and a failed run that a default
 comparison must leave out."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jobs.compare import main  # noqa: E402
-from pipelines.experiments import (  # noqa: E402
+from pipelines.experiments.compare import (  # noqa: E402
     build_table,
     ema,
     find_experiment,
@@ -58,7 +58,7 @@ def _log_training_run(client, experiment_id: str, name: str, lr: str, losses: li
 
 
 def _log_evaluation_run(client, experiment_id: str, evaluates: str, name: str, values: dict, copy_to_training: bool):
-    """As pipelines.eval_mlflow does: a run of its own, linked by tag, optionally with the aggregates also
+    """As pipelines.evaluation.mlflow_report does: a run of its own, linked by tag, optionally with the aggregates also
     logged onto the training run as eval/<setting>/<metric>."""
     from mlflow.entities import Metric
 
@@ -244,7 +244,7 @@ def test_a_resumed_run_keeps_the_latest_value_logged_at_each_step(store):
     """After a restart the training loop logs the steps since its last checkpoint again."""
     from mlflow.entities import Metric
 
-    from pipelines.experiments import metric_histories
+    from pipelines.experiments.compare import metric_histories
 
     client = store["client"]
     experiment_id = client.create_experiment("resumed", artifact_location=(store["root"] / "resumed").as_uri())

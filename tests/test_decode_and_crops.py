@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from model.config import sdxl, tiny
-from pipelines.buckets import aspect_buckets, buckets_for, crop_to_bucket, letterbox, nearest_bucket
-from pipelines.decode import DecodeError, content_id, decode_image
-from pipelines.masks import reference_foreground, sketch_foreground
-from pipelines.sketches import CLASSIC_EXTRACTORS, invert
-from pipelines.synthetic import synthetic_illustration
+from model.geometry import aspect_buckets, buckets_for, crop_to_bucket, letterbox, nearest_bucket
+from model.image_io import DecodeError, content_id, decode_image
+from model.masks import reference_foreground, sketch_foreground
+from model.line_art import CLASSIC_EXTRACTORS, invert
+from pipelines.data.synthetic import synthetic_illustration
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -19,9 +19,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
 
-from pipelines.eval_deform import deform_reference, draw_deformation  # noqa: E402
-from pipelines.evaluation import EvaluationConfig, evaluate, plan_evaluation, read_rows  # noqa: E402
-from pipelines.metrics import (PSNR_CAP_DB, PixelMetrics, build_extractor, choose_clip_extractor,  # noqa: E402
+from pipelines.evaluation.deform import deform_reference, draw_deformation  # noqa: E402
+from pipelines.evaluation.protocol import EvaluationConfig, evaluate, plan_evaluation, read_rows  # noqa: E402
+from pipelines.evaluation.metrics import (PSNR_CAP_DB, PixelMetrics, build_extractor, choose_clip_extractor,  # noqa: E402
                                choose_fid_extractor, frechet_distance, ms_ssim_settings)
 
 
@@ -33,9 +33,9 @@ def workspace(tmp_path_factory):
     from make_corpus import make_corpus
 
     from jobs.init_model import init_model
-    from pipelines.preprocess import PreprocessConfig, ShardEncoder, process_shard
-    from pipelines.sources import list_inputs, plan_shards
-    from pipelines.train_loop import TrainConfig, Tracker
+    from pipelines.data.shards import PreprocessConfig, ShardEncoder, process_shard
+    from pipelines.data.corpus import list_inputs, plan_shards
+    from pipelines.training.loop import TrainConfig, Tracker
 
     root = tmp_path_factory.mktemp("evaluate")
     make_corpus(root / "corpus", count=6, with_bad_files=False)
@@ -60,7 +60,7 @@ def workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     """A random-init FID Inception saved as the published file is: a plain state_dict."""
-    from pipelines.eval_inception import PUBLISHED_FILE, FIDInceptionV3
+    from pipelines.evaluation.inception import PUBLISHED_FILE, FIDInceptionV3
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / PUBLISHED_FILE
@@ -84,7 +84,7 @@ def openclip_file(tmp_path_factory):
 
 
 def _textured(seed: int, side: int = 128) -> np.ndarray:
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.data.synthetic import synthetic_illustration
 
     return np.ascontiguousarray(synthetic_illustration(seed=seed, width=side, height=side).color)
 
@@ -246,7 +246,7 @@ def test_substitutes_are_named_in_keys_labels_and_table(workspace):
 
 # ---------------------------------------------------------------------------------- entanglement
 def test_entanglement_is_zero_for_the_own_reference_and_finite_otherwise(workspace, tiny_colorizer):
-    from pipelines.entanglement import line_f_score, spatial_entanglement
+    from pipelines.evaluation.entanglement import line_f_score, spatial_entanglement
 
     lines = np.zeros((32, 32), bool)
     lines[10, 4:28] = True

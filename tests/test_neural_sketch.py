@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from pipelines.neural_sketch import (
+from pipelines.data.neural_lines import (
     NEURAL_EXTRACTORS,
     Anime2SketchUNet,
     LineExtractor,
@@ -166,7 +166,7 @@ def test_anime2sketch_layout_matches_pix2pix_unet256_count():
 def test_unet_skip_carries_leaky_relu_of_its_input():
     """The published U-Net was trained with an in-place LeakyReLU heading each inner level, so the skip half of
     the concatenation is leaky_relu(x), not x. The port reproduces that and leaves the caller's tensor alone."""
-    from pipelines.neural_sketch import _UNetLevel
+    from pipelines.data.neural_lines import _UNetLevel
 
     level = _UNetLevel(4, 8, child=_UNetLevel(8, 8, role="innermost")).eval()
     x = torch.randn(1, 4, 8, 8)

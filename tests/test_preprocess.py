@@ -20,10 +20,10 @@ sys.path.insert(0, str(ROOT / "jobs"))
 from make_corpus import make_corpus  # noqa: E402
 
 from model.config import tiny  # noqa: E402
-from pipelines.dataset import completed_shards, read_all  # noqa: E402
-from pipelines.preprocess import DATA_COLUMNS, PreprocessConfig, ShardEncoder, process_shard  # noqa: E402
-from pipelines.sources import list_inputs, plan_shards, read_shard_bytes  # noqa: E402
-from pipelines.tensors import bytes_to_tensor, tensor_to_bytes  # noqa: E402
+from pipelines.data.layout import completed_shards, read_all  # noqa: E402
+from pipelines.data.shards import DATA_COLUMNS, PreprocessConfig, ShardEncoder, process_shard  # noqa: E402
+from pipelines.data.corpus import list_inputs, plan_shards, read_shard_bytes  # noqa: E402
+from pipelines.data.tensor_cells import bytes_to_tensor, tensor_to_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def local_ray():
 
 
 def test_ray_run_writes_every_shard_then_a_rerun_writes_nothing(workspace, config, local_ray, tmp_path):
-    from pipelines.ray_preprocess import run_preprocess
+    from pipelines.data.ray_stream import run_preprocess
 
     output = str(tmp_path / "dataset")
     manifest = run_preprocess(str(workspace["corpus"]), output, config)
@@ -154,7 +154,7 @@ def test_a_neural_extractor_runs_in_the_encoder_stage(workspace, tmp_path):
     file, selected by name: its sketches come from the encoder stage, the classic ones from the CPU stage."""
     import torch
 
-    from pipelines.neural_sketch import build_line_network
+    from pipelines.data.neural_lines import build_line_network
 
     torch.manual_seed(0)
     weights = tmp_path / "sk_model.pth"

@@ -74,7 +74,7 @@ def submit(cluster, args, wait=True) -> subprocess.CompletedProcess | str:
 
 
 def dataset_rows(output: Path) -> list[dict]:
-    from pipelines.dataset import read_all
+    from pipelines.data.layout import read_all
 
     table = read_all(str(output))
     return sorted(table.to_pylist(), key=lambda row: row["source"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.segmenter import (
+from pipelines.data.segmenter import (
     SEGMENTERS,
     ForegroundSegmenter,
     ISNetDIS,

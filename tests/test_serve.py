@@ -38,7 +38,7 @@ def png_bytes(array: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def pair():
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.data.synthetic import synthetic_illustration
 
     drawing = synthetic_illustration(seed=5, width=128, height=96)
     return png_bytes(drawing.sketch), png_bytes(drawing.color)
@@ -125,7 +125,7 @@ def test_health_and_info(server):
 def test_png_of_requested_size_matches_the_model(server, pair, model_folder):
     from model.colorizer import Colorizer
     from model.guidance import Guidance
-    from pipelines.decode import decode_image
+    from model.image_io import decode_image
 
     fields = {"seed": "1234", "steps": "3", "width": "96", "height": "64", "reference_guidance": "2.5",
               "sketch_guidance": "1.5", "reference_strength": "0.8"}

@@ -81,7 +81,7 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "gram")} == {"gram/step_0000009.png"}
 
     from model.colorizer import Colorizer
-    from pipelines.synthetic import synthetic_illustration
+    from pipelines.data.synthetic import synthetic_illustration
 
     picture = synthetic_illustration(seed=1, width=96, height=96)
     image = Colorizer.from_pretrained(export).colorize(picture.sketch, picture.color, steps=2, size=(96, 96))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.tensors import tensor_to_bytes
-from pipelines.training_data import BucketBatcher, epoch_batches, steps_per_epoch
+from pipelines.data.tensor_cells import tensor_to_bytes
+from pipelines.data.batches import BucketBatcher, epoch_batches, steps_per_epoch
 
 
 def fake_row(width: int, height: int, seed: int) -> dict:

@@ -190,7 +190,7 @@ def batches_forever(shard, cfg: TrainConfig, seed: int):
     epoch on every worker (``cfg.steps_per_epoch``)."""
     import random
 
-    from pipelines.training_data import BucketBatcher, epoch_batches, rows_of
+    from pipelines.data.batches import BucketBatcher, epoch_batches, rows_of
 
     batcher, rng, epoch = BucketBatcher(cfg.batch_size), random.Random(seed), 0
     while True:

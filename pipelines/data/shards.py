@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 import torch
 
 from model.config import get_preset
-from pipelines.buckets import buckets_for, crop_to_bucket, letterbox, nearest_bucket
-from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
-from pipelines.masks import reference_foreground, sketch_foreground
-from pipelines.sketches import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
-from pipelines.sources import InputItem, read_shard_bytes
-from pipelines.tensors import tensor_to_bytes
+from model.geometry import buckets_for, crop_to_bucket, letterbox, nearest_bucket
+from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
+from model.masks import reference_foreground, sketch_foreground
+from model.line_art import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
+from pipelines.data.corpus import InputItem, read_shard_bytes
+from pipelines.data.tensor_cells import tensor_to_bytes
 
 SCHEMA_VERSION = 1
 LATENT_VIEWS = ("target", "reference")
@@ -62,7 +62,7 @@ class PreprocessConfig:
     image_column: str = "image"
 
     def __post_init__(self):
-        from pipelines.neural_sketch import NEURAL_EXTRACTORS
+        from pipelines.data.neural_lines import NEURAL_EXTRACTORS
 
         if len(self.sketch_extractors) < 1:
             raise ValueError("at least one sketch extractor is needed")
@@ -185,7 +185,7 @@ class ShardEncoder:
 
     def __init__(self, cfg: PreprocessConfig, device: str | None = None):
         from model.colorizer import Colorizer
-        from pipelines.neural_sketch import NEURAL_EXTRACTORS, load_line_extractor
+        from pipelines.data.neural_lines import NEURAL_EXTRACTORS, load_line_extractor
 
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -209,7 +209,7 @@ class ShardEncoder:
                            for name in cfg.sketch_extractors if name in NEURAL_EXTRACTORS}
         self.segmenter = None
         if cfg.segmenter:
-            from pipelines.segmenter import load_segmenter
+            from pipelines.data.segmenter import load_segmenter
 
             self.segmenter = load_segmenter(cfg.segmenter, cfg.segmenter_weights, self.device, self.dtype)
 

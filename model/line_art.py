@@ -4,7 +4,7 @@ The paper trains on four sketch variants per image so that the colorizer does no
 style. Without network weights we get that diversity from four operators: XDoG (soft, ink-like strokes),
 a blur-difference "pencil" line art (thin, pressure-like), Canny (hard one-pixel edges) and a
 sketchKeras-style color high-pass (lines from color changes, not only luminance). The neural
-extractors of :mod:`pipelines.neural_sketch` are the selectable alternatives.
+extractors of :mod:`pipelines.data.neural_lines` are the selectable alternatives.
 
 Every extractor maps (H, W, 3) uint8 RGB → (H, W) uint8 drawing: dark lines on white. Storage and the
 model use the inverted form (:func:`invert`): lines bright on a dark field.

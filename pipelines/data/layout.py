@@ -22,8 +22,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.preprocess import SCHEMA_VERSION, PreprocessConfig, shard_name
-from pipelines.sources import InputItem, Listing, list_inputs, plan_shards, plan_table, shards_from_plan
+from pipelines.data.shards import SCHEMA_VERSION, PreprocessConfig, shard_name
+from pipelines.data.corpus import InputItem, Listing, list_inputs, plan_shards, plan_table, shards_from_plan
 
 
 @dataclass

@@ -8,7 +8,7 @@
   are part of the report.
 * FID is torchmetrics' ``FrechetInceptionDistance`` fed with features extracted elsewhere (on Ray
   actors): :class:`PrecomputedFeatures` is the identity "network" it runs on them.
-* Extractors load from local files only. FID's standard network is :mod:`pipelines.eval_inception`; the
+* Extractors load from local files only. FID's standard network is :mod:`pipelines.evaluation.inception`; the
   CLIP score's is an OpenCLIP image tower from a checkpoint file. Where none is given, the caller may ask
   for a named substitute (the model's own CLIP tower), and the metric's key and label then say
   "substitute", so a number is never reported under a name it has not earned.
@@ -222,7 +222,7 @@ class ImageEmbedder(nn.Module):
 def build_extractor(choice: ExtractorChoice, model=None, device=None) -> ImageEmbedder:
     """The network for ``choice``; ``model`` (a Colorizer) supplies its own CLIP tower for substitutes."""
     if choice.kind == "inception":
-        from pipelines.eval_inception import load_fid_inception
+        from pipelines.evaluation.inception import load_fid_inception
 
         return ImageEmbedder(load_fid_inception(choice.path).to(device), is_clip=False)
     if choice.kind == "openclip":

@@ -4,7 +4,7 @@ Per validation row the model colors the row's sketch twice with the same noise s
 
 * after a randomly drawn other row's image (never its own): those outputs against the ground truths
   give FID, the distribution-level score of colorizations "in the wild";
-* after a deformed copy of the row's own ground truth (:mod:`pipelines.eval_deform`): those outputs
+* after a deformed copy of the row's own ground truth (:mod:`pipelines.evaluation.deform`): those outputs
   against the ground truth give PSNR, MS-SSIM and the CLIP image cosine, the pixel-level scores.
 
 Everything random (rows, references, sketch variants, deformations, noise seeds) is drawn up front from
@@ -27,8 +27,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.eval_deform import Deformation, deform_reference, draw_deformation
-from pipelines.metrics import (PSNR_CAP_DB, ExtractorChoice, PixelMetrics, build_extractor, choose_clip_extractor,
+from pipelines.evaluation.deform import Deformation, deform_reference, draw_deformation
+from pipelines.evaluation.metrics import (PSNR_CAP_DB, ExtractorChoice, PixelMetrics, build_extractor, choose_clip_extractor,
                                choose_fid_extractor, clip_metric_name, cosine, fid_metric_name, frechet_distance,
                                ms_ssim_settings)
 
@@ -107,8 +107,8 @@ class EvaluationPlan:
 
 
 def _shard_files(dataset: str) -> tuple[object, list[str]]:
-    from pipelines.dataset import completed_shards
-    from pipelines.preprocess import shard_name
+    from pipelines.data.layout import completed_shards
+    from pipelines.data.shards import shard_name
 
     fs, root = fsspec.core.url_to_fs(dataset)
     shards = sorted(completed_shards(dataset))
@@ -209,8 +209,8 @@ class BatchEvaluator:
     def __call__(self, rows: list[dict], specs: list[SampleSpec], sizes: dict[str, tuple[int, int]]) -> list[dict]:
         """``rows`` (dicts with ROW_COLUMNS) and their ``specs``, in the same order → one result per row:
         psnr, ms_ssim, clip_cosine and the FID features of the ground truth and of the output."""
-        from pipelines.buckets import resize
-        from pipelines.sketches import invert
+        from model.geometry import resize
+        from model.line_art import invert
 
         if len(rows) != len(specs):
             raise ValueError(f"{len(rows)} rows for {len(specs)} specs")

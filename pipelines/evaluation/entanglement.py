@@ -11,7 +11,7 @@ held-out rows, each row paired with another row's reference (``shift``):
   misaligned reference did not change the inferred layout at all; an identical reference gives exactly 0.
 * ``line_agreement`` (higher = less entangled, in [0, 1]): the row's sketch is colored after the other
   row's reference, lines are extracted from the output with the extractor that made the input sketch
-  (a weight-free one from :mod:`pipelines.sketches`), and compared with the input sketch's lines as a
+  (a weight-free one from :mod:`model.line_art`), and compared with the input sketch's lines as a
   tolerance F-score: a line pixel counts as matched when the other map has a line within ``tolerance``
   pixels. ``line_agreement_aligned`` is the same with the row's own reference, the baseline to compare
   against: their difference is what the misaligned reference costs.
@@ -29,7 +29,7 @@ from model.gram import gram_matrix
 from model.images import image_to_tensor, sketch_to_tensor
 from model.vae import encode_latents
 from model.vector_condition import vector_condition
-from pipelines.sketches import CLASSIC_EXTRACTORS, invert
+from model.line_art import CLASSIC_EXTRACTORS, invert
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from model.objective import TrainingBatch
-from pipelines.tensors import bytes_to_tensor
+from pipelines.data.tensor_cells import bytes_to_tensor
 
 STAGE1_COLUMNS = ["width", "height", "source_width", "source_height", "sketches", "latents", "latents_shape",
                   "tagger_tokens", "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "tensor_dtype"]

@@ -2,7 +2,7 @@
 
 Why: stage 2 of training needs a foreground mask of the sketch and of the reference (the reference
 implementation, ColorizeDiffusionXL, feeds them to the model as ``smask`` and ``rmask``). The
-weight-free default lives in :mod:`pipelines.masks`; this module is the learned option, for when the
+weight-free default lives in :mod:`model.masks`; this module is the learned option, for when the
 published segmentation weights are on local disk. Nothing is downloaded: weights come from a path.
 
 The network is ISNet-DIS as trained by SkyTNT's anime-segmentation (``isnetis.ckpt``, re-published as

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from pipelines.evaluation import EvaluationReport
+from pipelines.evaluation.protocol import EvaluationReport
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "colorize-xl"

@@ -6,8 +6,8 @@ Three rungs, each a training run of its own in one MLflow experiment (siblings),
 2. ``gram``: stage 1 with the Gram loss (λ = 0 for the first third of the steps, then the config's);
 3. ``gram-plugin``: stage 2 (plugin + split attention) trained on top of rung 2's export.
 
-Each rung gets the Table 1 metrics (:mod:`pipelines.evaluation`) and the spatial-entanglement measures
-(:mod:`pipelines.entanglement`): the mean squared distance between the Gram matrices of the aligned and
+Each rung gets the Table 1 metrics (:mod:`pipelines.evaluation.protocol`) and the spatial-entanglement measures
+(:mod:`pipelines.evaluation.entanglement`): the mean squared distance between the Gram matrices of the aligned and
 the misaligned branch (lower: the misaligned reference disturbs the structure less) and the agreement of
 the output's lines with the sketch when the reference comes from another image (higher: the output
 follows the sketch rather than the reference). The plugin rung shares rung 2's U-Net, so its Gram

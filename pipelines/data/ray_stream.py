@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import ray
 
-from pipelines.dataset import check_config, completed_shards, load_or_create_plan, write_manifest
-from pipelines.preprocess import PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard, table_to_bytes, write_shard
-from pipelines.sources import InputItem
+from pipelines.data.layout import check_config, completed_shards, load_or_create_plan, write_manifest
+from pipelines.data.shards import PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard, table_to_bytes, write_shard
+from pipelines.data.corpus import InputItem
 
 
 @dataclass(frozen=True)

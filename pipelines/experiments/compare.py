@@ -9,8 +9,8 @@ drive every step with a real sqlite store:
     summaries = summarize_runs(client, runs)
     result = write_comparison(summaries, experiment.name, Path("outputs/comparison"))  # markdown, table, files
 
-Training runs (``Tracker`` in :mod:`pipelines.train_loop`) log params and per-step metrics; evaluation runs
-(:mod:`pipelines.eval_mlflow`) tag the training run they measured with ``colorize.evaluates=<run id>`` and
+Training runs (``Tracker`` in :mod:`pipelines.training.loop`) log params and per-step metrics; evaluation runs
+(:mod:`pipelines.evaluation.mlflow_report`) tag the training run they measured with ``colorize.evaluates=<run id>`` and
 their setting with ``colorize.eval.setting``. Their metrics are shown in that training run's column as
 ``eval/<setting>/<name>`` (the key the evaluation also logs onto the training run, so the two share a row),
 so one row compares, say, FID at one setting across the ablation's runs. A standalone evaluation run (of
@@ -39,7 +39,7 @@ MIN_ID_PREFIX = 6
 LOWER_IS_BETTER_WORDS = frozenset({"loss", "fid", "kid", "lpips", "mse", "mae"})
 HIGHER_IS_BETTER_WORDS = frozenset({"psnr", "ssim", "clip", "cosine", "accuracy"})
 DIRECTION_BY_NAME = {"samples_per_s": "max", "gpu_memory_gib": "min",
-                     # spatial entanglement (pipelines/entanglement.py); line_agreement_aligned is a baseline
+                     # spatial entanglement (pipelines/evaluation/entanglement.py); line_agreement_aligned is a baseline
                      "gram_distance": "min", "line_agreement": "max"}
 ARROWS = {"min": "↓", "max": "↑", None: ""}
 
@@ -252,7 +252,7 @@ def metric_histories(client, run, rename=lambda key: key) -> dict[str, MetricSer
 
 def evaluation_metric_namer(run):
     """Maps an evaluation run's metric keys to ``eval/<setting>/<key>`` (``eval/<key>`` without a setting
-    tag): the names :mod:`pipelines.eval_mlflow` gives the copies it logs onto the training run."""
+    tag): the names :mod:`pipelines.evaluation.mlflow_report` gives the copies it logs onto the training run."""
     setting = run.data.tags.get(SETTING_TAG)
     prefix = f"{EVAL_PREFIX}{setting}/" if setting else EVAL_PREFIX
     return lambda key: key if key.startswith(EVAL_PREFIX) else prefix + key
