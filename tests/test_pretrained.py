@@ -19,16 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import UNetConfig, tiny
-from model.pretrained import (
-    LoadReport,
-    TensorShapes,
-    check_and_load,
-    load_clip_vision,
-    load_tagger,
-    load_unet,
-    load_vae,
-    read_state_dict,
-)
+from model.pretrained import load_clip_vision, load_tagger, load_unet, load_vae
 from model.reference_encoders import ClipImageEncoder, WDTagger
 from model.unet import build_unet
 from model.vae import build_vae
@@ -238,7 +229,7 @@ def test_stock_sdxl_add_embedding_is_skipped_and_reported(tmp_path, unet_and_sta
     torch.manual_seed(123)
     fresh = build_unet(CFG.unet).state_dict()[key]
     torch.manual_seed(123)
-    with caplog.at_level(logging.WARNING, logger="model.pretrained"):
+    with caplog.at_level(logging.WARNING, logger="model.weights"):
         unet = load_unet(tmp_path / "stock.safetensors", CFG.unet)
 
     assert_same_state(unet, unet_state, skip=(key,))
@@ -315,33 +306,6 @@ def test_unet_shape_mismatch_outside_add_embedding_is_an_error(tmp_path, unet_an
     save_file(state, tmp_path / "unet.safetensors")
     with pytest.raises(ValueError, match=r"time_embedding\.linear_1\.weight: expected \(\d+, \d+\), found \(5, 5\)"):
         load_unet(tmp_path / "unet.safetensors", CFG.unet)
-
-
-@dataclasses.dataclass
-class NotATensor:
-    value: int
-
-
-def test_torch_file_with_pickled_objects_is_refused(tmp_path):
-    torch.save({"weight": NotATensor(3)}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "evil.pt"))):
-        read_state_dict(tmp_path / "evil.pt")
-
-
-def test_check_and_load_returns_report():
-    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
-    state = {"0.weight": torch.randn(4, 5), "0.bias": torch.randn(4), "1.weight": torch.randn(2, 4),
-             "1.bias": torch.randn(2)}
-    before = module[0].weight.detach().clone()
-    report = check_and_load(module, state, "x.safetensors", allow_shape_mismatch_prefixes=("0.",))
-    assert report == LoadReport(
-        path=report.path, skipped=(TensorShapes("0.weight", (4, 3), (4, 5)),), recomputed=()
-    )
-    assert str(report.path) == "x.safetensors"
-    assert torch.equal(module[0].weight, before)
-    assert torch.equal(module[1].weight, state["1.weight"])
-    with pytest.raises(ValueError, match=r"0\.weight: expected \(4, 3\), found \(4, 5\)"):
-        check_and_load(module, state, "x.safetensors")
 
 
 # ------------------------------------------------------------------------------------------ WD tagger

@@ -40,6 +40,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.weights import check_and_load, read_state_dict
+
 __all__ = [
     "NEURAL_EXTRACTORS",
     "ExtractorSpec",
@@ -50,11 +52,10 @@ __all__ = [
     "InformativeDrawingsGenerator",
     "build_line_network",
     "load_line_extractor",
-    "read_state_dict",
 ]
 
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-_SAFETENSORS_SUFFIX = ".safetensors"
+# BatchNorm's step counter: older exports leave it out, and inference never reads it.
+BATCHNORM_COUNTER = "num_batches_tracked"
 
 
 class _LineNet(nn.Module, abc.ABC):
@@ -546,57 +547,6 @@ def _padded_size(size: int, multiple: int, minimum: int) -> int:
     return max(minimum, multiple * math.ceil(size / multiple))
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: ``.safetensors`` via safetensors, ``.pth/.pt/.bin/.ckpt`` via
-    ``torch.load(weights_only=True)`` (a top-level ``state_dict`` entry is unwrapped). Leading ``module.`` is
-    stripped from every key. Raises FileNotFoundError / ValueError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"line extractor weights not found: {path}")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == _SAFETENSORS_SUFFIX:
-            from safetensors.torch import load_file
-
-            loaded = load_file(str(path), device="cpu")
-        elif suffix in _TORCH_SUFFIXES:
-            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(
-                f"{path}: unsupported weights format {suffix!r}; "
-                f"use {_SAFETENSORS_SUFFIX} or one of {', '.join(_TORCH_SUFFIXES)}")
-    except ValueError:
-        raise
-    except Exception as exc:  # unpickling refusals, corrupt files, ...
-        raise ValueError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(loaded).__name__}")
-    state: dict[str, torch.Tensor] = {}
-    for key, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        state[key[len("module."):] if key.startswith("module.") else key] = value
-    return state
-
-
-def _shape(t: torch.Tensor) -> str:
-    return str(tuple(t.shape))
-
-
-def _fit_report(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> tuple[list[str], str]:
-    """Lines describing every difference (missing / unexpected / mis-shaped) and a count summary."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    misshaped = [k for k in expected if k in found and found[k].shape != expected[k].shape]
-    lines = [f"mis-shaped {k}: expected {_shape(expected[k])}, found {_shape(found[k])}" for k in misshaped]
-    lines += [f"missing {k}: expected {_shape(expected[k])}" for k in missing]
-    lines += [f"unexpected {k}: found {_shape(found[k])}" for k in unexpected]
-    summary = f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped"
-    return lines, summary
-
-
 def load_line_extractor(name: str, weights_path: str | os.PathLike, device: str | torch.device = "cpu",
                         dtype: torch.dtype = torch.float32, **knobs) -> LineExtractor:
     """Build the named extractor and strictly load its published weights from a LOCAL file (never downloads).
@@ -607,7 +557,8 @@ def load_line_extractor(name: str, weights_path: str | os.PathLike, device: str 
     Returns the extractor in eval mode, on ``device`` in ``dtype``, with ``requires_grad`` False.
 
     Raises FileNotFoundError (path), ValueError for an unknown name (lists the known ones), an unreadable
-    file, or weights that do not fit (names the path, the extractor and up to 10 differing keys with shapes).
+    file, or weights that do not fit (names the path, the extractor and up to 10 missing, unexpected and
+    mis-shaped keys each, with shapes; see :func:`model.weights.check_and_load`).
     """
     spec = _spec(name)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -615,26 +566,15 @@ def load_line_extractor(name: str, weights_path: str | os.PathLike, device: str 
     path = Path(weights_path)
     if path.is_dir():
         path = path / spec.published_file
-    found = read_state_dict(path)
+    state = read_state_dict(path)
 
-    with torch.device("meta"):
+    with torch.device("meta"):  # no time spent on an init the file overwrites
         net = spec.network(**knobs)
-    expected = net.state_dict()
-    for key, buffer in expected.items():
-        if key.endswith("num_batches_tracked") and key not in found:
-            found[key] = torch.zeros(buffer.shape, dtype=buffer.dtype)
-    problems, summary = _fit_report(expected, found)
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(
-            f"{path}: weights do not fit the {name!r} line extractor ({type(net).__name__}, expects "
-            f"{spec.published_file}): {summary} key(s):\n  {shown}{more}")
-
     net = net.to_empty(device="cpu")
-    try:
-        net.load_state_dict(found, strict=True)
-    except RuntimeError as exc:  # e.g. a dtype that cannot be copied; shapes and keys were checked above
-        raise ValueError(f"{path}: cannot load into the {name!r} line extractor: {exc}") from exc
+    for buffer_name, buffer in net.named_buffers():
+        if buffer_name.endswith(BATCHNORM_COUNTER):  # the value a file without counters leaves in place
+            buffer.zero_()
+    check_and_load(net, state, path, optional_suffixes=(BATCHNORM_COUNTER,),
+                   target=f"the {name!r} line extractor ({type(net).__name__}, expects {spec.published_file})")
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return LineExtractor(name, net).eval()

@@ -26,34 +26,22 @@ the training convention of ``isnetis`` instead, which never inverts.)
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from model.pretrained import check_and_load
+from model.weights import PathLike, check_and_load, read_state_dict, under_prefix
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike
-
 PUBLISHED_WIDTH = 64
 INPUT_SIZE = 1024
-TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # A Lightning checkpoint of anime-segmentation's ``AnimeSegmentation`` module holds the segmenter under
 # ``net.``; an ``isnet_is`` run also holds the frozen ground-truth encoder (``gt_encoder.``), which only
 # supervised training and is not part of the segmenter.
 LIGHTNING_PREFIX = "net."
-DDP_PREFIX = "module."
-MAX_LISTED = 10
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -296,65 +284,20 @@ def build_segmenter(name: str, width: int = PUBLISHED_WIDTH, input_size: int | N
 # ------------------------------------------------------------------------------------------------ weights
 
 
-def _listing(rows: list[str]) -> str:
-    shown = "".join(f"\n    {row}" for row in rows[:MAX_LISTED])
-    more = f"\n    ... and {len(rows) - MAX_LISTED} more" if len(rows) > MAX_LISTED else ""
-    return shown + more
-
-
 def read_segmenter_weights(path: PathLike) -> dict[str, torch.Tensor]:
     """The ISNet-DIS tensors of a weights file, keyed as :class:`ISNetDIS` keys them.
 
-    ``.safetensors`` is read with safetensors; ``.ckpt/.pt/.pth/.bin`` with ``torch.load(weights_only=True)``
-    only, so a file cannot run code on load. A top-level ``state_dict`` (Lightning) is unwrapped, a
-    leading ``module.`` (DDP) dropped, and when keys carry the Lightning ``net.`` prefix only those are
-    kept, unprefixed (the training-only ``gt_encoder.`` of an ``isnet_is`` run is left out).
+    Read by :func:`model.weights.read_state_dict` (a ``state_dict`` wrapper and DDP's ``module.`` are
+    removed there). When keys carry the Lightning ``net.`` prefix only those are kept, unprefixed: the
+    training-only ``gt_encoder.`` of an ``isnet_is`` run is left out.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"segmenter weights file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            loaded: object = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read safetensors file {path}: {err}") from err
-    elif suffix in TORCH_SUFFIXES:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-            raise ValueError(
-                f"cannot read {path} with torch.load(weights_only=True) (it may pickle more than tensors; "
-                f"re-save its state_dict or convert it to .safetensors): {err}"
-            ) from err
-    else:
-        raise ValueError(
-            f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or one of {TORCH_SUFFIXES}"
-        )
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a mapping of tensor names to tensors")
-    state = {(key[len(DDP_PREFIX):] if key.startswith(DDP_PREFIX) else key): value for key, value in loaded.items()}
-    if any(key.startswith(LIGHTNING_PREFIX) for key in state):
-        dropped = sorted({key.split(".", 1)[0] for key in state if not key.startswith(LIGHTNING_PREFIX)})
-        if dropped:
-            logger.info("%s: keeping the '%s' tensors, leaving out %s", path, LIGHTNING_PREFIX, ", ".join(dropped))
-        state = {key[len(LIGHTNING_PREFIX):]: value for key, value in state.items() if key.startswith(LIGHTNING_PREFIX)}
-    not_tensors = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        raise ValueError(f"{path}: entries that are not tensors:{_listing(not_tensors)}")
-    return state
-
-
-def load_isnet_state(net: ISNetDIS, state: Mapping[str, torch.Tensor], path: PathLike) -> None:
-    """Load ``state`` into ``net`` strictly, or raise a ``ValueError`` naming ``path`` and what does not fit.
-
-    Lists up to ten missing keys (with the expected shape), unexpected keys (with the found shape) and
-    shape mismatches (both). Only BatchNorm's ``num_batches_tracked`` counters may be absent (some
-    converters drop integer tensors; inference never reads them).
-    """
-    check_and_load(net, state, path, optional_suffixes=(".num_batches_tracked",))
+    state = read_state_dict(path)
+    if not any(key.startswith(LIGHTNING_PREFIX) for key in state):
+        return state
+    dropped = sorted({key.split(".", 1)[0] for key in state if not key.startswith(LIGHTNING_PREFIX)})
+    if dropped:
+        logger.info("%s: keeping the '%s' tensors, leaving out %s", path, LIGHTNING_PREFIX, ", ".join(dropped))
+    return under_prefix(state, LIGHTNING_PREFIX)
 
 
 def load_segmenter(
@@ -377,7 +320,8 @@ def load_segmenter(
         raise ValueError(f"unknown segmenter {name!r}; known: {', '.join(sorted(SEGMENTERS))}")
     state = read_segmenter_weights(weights_path)
     segmenter = SEGMENTERS[name].build(width, input_size)
-    load_isnet_state(segmenter.net, state, weights_path)
+    # Some converters drop BatchNorm's integer counters; inference never reads them.
+    check_and_load(segmenter.net, state, weights_path, optional_suffixes=(".num_batches_tracked",))
     segmenter.to(device=device, dtype=dtype)
     segmenter.requires_grad_(False)
     logger.info("loaded %s segmenter (%d tensors) from %s", name, len(state), weights_path)

@@ -220,7 +220,7 @@ class FIDInceptionV3(nn.Module):
 def load_fid_inception(path: str | Path) -> FIDInceptionV3:
     """The FID Inception from its published state_dict (read with ``weights_only=True``, loaded strictly:
     a wrong file fails with the list of keys that do not fit, never silently)."""
-    from model.pretrained import check_and_load, read_state_dict
+    from model.weights import check_and_load, read_state_dict
 
     network = FIDInceptionV3()
     check_and_load(network, read_state_dict(path), path, optional_suffixes=("num_batches_tracked",))

@@ -182,7 +182,7 @@ def openclip_config_from_file(path: str | Path, heads: int | None = None):
     """A :class:`ClipVisionConfig` read off the shapes of an OpenCLIP checkpoint's ``visual.*`` tensors
     (width, patch, image size, depth, MLP ratio, output dim); heads from ``heads`` or the known towers."""
     from model.config import ClipVisionConfig
-    from model.pretrained import read_state_dict
+    from model.weights import read_state_dict
 
     state = read_state_dict(path, prefixes=("visual.", "module.visual."))
     state = {k.removeprefix("module.").removeprefix("visual."): v for k, v in state.items()}
