@@ -282,15 +282,20 @@ def report_checkpoint(engine, step: int, run_id: str | None, metrics: dict) -> N
 
 @torch.no_grad()
 def log_pictures(tracker: Tracker, colorizer, batch: TrainingBatch, step: int, count: int = 2) -> None:
-    """Sample grid (sketch | reference's sketch | output with the rolled reference) and Gram heat maps of
-    the aligned and misaligned branches for the preview batch."""
+    """Sample grid and Gram heat maps for the preview batch, each labeled so it reads on its own in MLflow.
+
+    Grid columns: the sketch; the reference it is colorized with, which is the previous sample's (the
+    contexts are rolled by one, as the misaligned branch rolls them; shown as that sample's decoded
+    truth, the picture the reference was taken from); the output; the sample's own decoded truth. Gram
+    figure: for each sample and Gram layer, the query token's similarity map in the aligned and the
+    misaligned branch at t = 500, next to the sketch with the query marked."""
     if not tracker.active or batch is None:
         return
     from model.generate import generate_latents
     from model.guidance import Guidance
-    from model.vae import decode_latents
-    from model.visualize import gram_heat_map, grid, sketch_image
     from model.images import tensor_to_image
+    from model.vae import decode_latents
+    from model.visualize import figure_image, gram_figure, grid, sketch_image
 
     was_training = colorizer.unet.training
     colorizer.unet.eval()
@@ -306,16 +311,19 @@ def log_pictures(tracker: Tracker, colorizer, batch: TrainingBatch, step: int, c
         outputs = tensor_to_image(decode_latents(colorizer.vae, latents.to(vae_device)))
         truth = tensor_to_image(decode_latents(colorizer.vae, batch.latents[:count].to(vae_device)))
         rolled_truth = truth[-1:] + truth[:-1]
-        rows = [[sketch_image(batch.sketch[i]), rolled_truth[i], outputs[i], truth[i]] for i in range(count)]
-        tracker.image(grid(rows), f"samples/step_{step:07d}.png")
+        sketches = [sketch_image(batch.sketch[i]) for i in range(count)]
+        rows = [[sketches[i], rolled_truth[i], outputs[i], truth[i]] for i in range(count)]
+        titles = ["sketch", "reference: previous sample's truth", "output (sketch + that reference)",
+                  "ground truth"]
+        tracker.image(grid(rows, titles=titles), f"samples/step_{step:07d}.png")
 
-        t = torch.full((count,), 500, device=batch.latents.device)
+        timestep = 500
+        t = torch.full((count,), timestep, device=batch.latents.device)
         residuals = colorizer.sketch_encoder(batch.sketch[:count])
         out = colorizer.unet(batch.latents[:count], t, context, batch.vector_condition[:count], residuals,
                              misaligned_context=rolled)
-        maps = [[gram_heat_map(out.aligned_features[name][i]), gram_heat_map(out.misaligned_features[name][i])]
-                for i in range(count) for name in sorted(out.aligned_features)]
-        tracker.image(grid(maps, cell=96), f"gram/step_{step:07d}.png")
+        figure = gram_figure(out.aligned_features, out.misaligned_features, sketches=sketches, timestep=timestep)
+        tracker.image(figure_image(figure), f"gram/step_{step:07d}.png")
     finally:
         colorizer.unet.train(was_training)
 
