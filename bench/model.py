@@ -33,6 +33,7 @@ from model.colorizer import Colorizer  # noqa: E402
 from model.config import get_preset  # noqa: E402
 from model.gram import gram_loss  # noqa: E402
 from model.objective import TrainingBatch, training_step  # noqa: E402
+from model.options import ColorizeOptions  # noqa: E402
 
 
 def emit(record: dict) -> None:
@@ -137,7 +138,8 @@ def bench_colorize(model, args, device):
     rng = np.random.default_rng(0)
     sketch = rng.integers(0, 256, (args.size, args.size), dtype=np.uint8)
     reference = rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)
-    run = lambda: model.colorize(sketch, reference, steps=args.steps, seed=0, size=(args.size, args.size))
+    options = ColorizeOptions(size=(args.size, args.size), steps=args.steps)
+    run = lambda: model.colorize(sketch, reference, options, seed=0)
     reset_peak(device)
     seconds = median_seconds(run, device, 1, max(1, args.iters // 2))
     emit({"bench": "colorize", "preset": args.preset, "device": device.type, "size": args.size, "steps": args.steps,

@@ -73,16 +73,16 @@ def run_library(model, sketch, reference, args, concurrency: int, first_seed: in
     """Sequential ``colorize`` latencies, and ``colorize_batch`` throughput at ``concurrency`` items."""
     import torch
 
-    from model.guidance import Guidance
+    from model.options import ColorizeOptions
 
-    guidance = Guidance(args.reference_guidance, args.sketch_guidance)
-    common = dict(steps=args.steps, size=args.size, guidance=guidance)
+    options = ColorizeOptions(size=args.size, steps=args.steps, reference_guidance=args.reference_guidance,
+                              sketch_guidance=args.sketch_guidance)
     for i in range(3):  # warm-up
-        model.colorize(sketch, reference, seed=first_seed + i, **common)
+        model.colorize(sketch, reference, options, seed=first_seed + i)
     latencies = []
     for i in range(args.requests):
         started = time.perf_counter()
-        model.colorize(sketch, reference, seed=first_seed + i, **common)
+        model.colorize(sketch, reference, options, seed=first_seed + i)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         latencies.append(time.perf_counter() - started)
@@ -90,7 +90,7 @@ def run_library(model, sketch, reference, args, concurrency: int, first_seed: in
     started = time.perf_counter()
     for b in range(batches):
         seeds = [first_seed + b * concurrency + i for i in range(concurrency)]
-        model.colorize_batch([sketch] * concurrency, [reference] * concurrency, seeds=seeds, **common)
+        model.colorize_batch([sketch] * concurrency, [reference] * concurrency, options, seeds=seeds)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     batched = batches * concurrency / (time.perf_counter() - started)
@@ -139,14 +139,11 @@ class InProcessBackend:
     def info(self):
         return self._info
 
-    async def colorize(self, job):
-        from model.guidance import Guidance
-
+    async def colorize(self, request):
         async with self._lock:
             image = await asyncio.to_thread(
-                self.model.colorize, job.sketch, job.reference, seed=job.seed, steps=job.steps,
-                size=(job.width, job.height), guidance=Guidance(job.reference_guidance, job.sketch_guidance),
-                reference_strength=job.reference_strength, plugin=job.plugin)
+                self.model.colorize, request.sketch, request.reference, request.options, seed=request.seed,
+                background_reference=request.background_reference)
         return np.asarray(image)
 
 

@@ -24,11 +24,14 @@ from model.config import ColorizerConfig
 from model.generate import generate_latents
 from model.guidance import Guidance
 from model.images import image_to_tensor, sketch_to_tensor, tensor_to_image
+from model.options import ColorizeOptions
+from model.plugin import plugin_inputs
 from model.projector import ReferenceProjector
 from model.reference_encoders import ClipImageEncoder, WDTagger, freeze, pad_to_square
 from model.sampler import training_scheduler
 from model.sizes import fit_size, validate_size
 from model.sketch_encoder import SketchEncoder
+from model.split_attention import split_attention_kwargs
 from model.unet import ColorizerUNet, build_unet, injection_points
 from model.vae import build_vae, decode_latents
 from model.vector_condition import vector_condition
@@ -209,101 +212,92 @@ class Colorizer(nn.Module):
         return self.projector(self.clip(images), self.tagger(images).tokens)
 
     @torch.no_grad()
-    def colorize(self, sketch, reference, *, steps: int | None = None, seed: int = 0,
-                 size: tuple[int, int] | None = None, guidance: Guidance | None = None,
-                 reference_strength: float = 1.0, sketch_strengths: list[float] | None = None,
-                 aesthetic_score: float | None = None, plugin: bool | None = None, background_reference=None,
-                 foreground_strength: float = 1.0, background_strength: float = 1.0,
-                 mask_threshold: float | None = None) -> Image.Image:
+    def colorize(self, sketch, reference, options: ColorizeOptions | None = None, *, seed: int = 0,
+                 background_reference=None) -> Image.Image:
         """Color ``sketch`` (a drawing: dark lines on light, PIL or uint8 array) after ``reference``.
 
-        ``size`` is (width, height); ``None`` fits the sketch's aspect at the preset's default area.
-        ``sketch_strengths`` scales each sketch-injection point (``None`` = 1 everywhere).
-        Stage-2 controls (see :meth:`colorize_batch`): ``plugin``, ``background_reference``,
-        ``foreground_strength``, ``background_strength``, ``mask_threshold``.
+        ``options`` holds the settings (``None`` = the model's defaults); ``seed`` draws the noise;
+        ``background_reference`` (stage 2) gives the background its own reference. A batch of one:
+        :meth:`colorize_batch` has the details.
         """
         backgrounds = None if background_reference is None else [background_reference]
-        return self.colorize_batch([sketch], [reference], seeds=[seed], steps=steps, size=size, guidance=guidance,
-                                   reference_strength=reference_strength, sketch_strengths=sketch_strengths,
-                                   aesthetic_score=aesthetic_score, plugin=plugin, background_references=backgrounds,
-                                   foreground_strength=foreground_strength, background_strength=background_strength,
-                                   mask_threshold=mask_threshold)[0]
+        return self.colorize_batch([sketch], [reference], options, seeds=[seed], background_references=backgrounds)[0]
 
     @torch.no_grad()
-    def colorize_batch(self, sketches: list, references: list, *, seeds: list[int], steps: int | None = None,
-                       size: tuple[int, int] | None = None, guidance: Guidance | None = None,
-                       reference_strength: float = 1.0, sketch_strengths: list[float] | None = None,
-                       aesthetic_score: float | None = None, plugin: bool | None = None,
-                       background_references: list | None = None, foreground_strength: float = 1.0,
-                       background_strength: float = 1.0, mask_threshold: float | None = None) -> list[Image.Image]:
-        """Several pairs at one output size; each item's noise comes from its own seed, so an item's result
-        does not depend on what it was batched with.
+    def colorize_batch(self, sketches: list, references: list, options: ColorizeOptions | None = None, *,
+                       seeds: list[int], background_references: list | None = None) -> list[Image.Image]:
+        """Several pairs with the same ``options`` (so at one output size); each item's noise comes from its
+        own seed, so an item's result does not depend on what it was batched with.
 
-        Stage 2: ``plugin`` (``None`` = on when the model has one) runs the plugin once per generation and
-        splits attention into foreground and background (masks from the sketch and the reference);
-        ``background_references`` (per item, or ``None`` entries) give the background its own reference;
-        ``foreground_strength``/``background_strength`` weight each region's reference; ``mask_threshold``
-        (``None`` = the plugin's default) decides which tokens count as foreground.
+        Stage 2 (``options.plugin``, on by default when the model has a plugin) runs the plugin once per
+        generation and splits attention into foreground and background (masks from the sketch and the
+        reference); ``background_references`` (per item, or ``None`` entries) give the background its own
+        reference.
         """
         if not (len(sketches) == len(references) == len(seeds)) or not sketches:
             raise ValueError(f"got {len(sketches)} sketches, {len(references)} references, {len(seeds)} seeds")
-        use_plugin = self.plugin is not None if plugin is None else bool(plugin)
-        if use_plugin and self.plugin is None:
-            raise ValueError("plugin=True needs a model with a plugin (a stage-2 model folder has plugin/); "
-                             "this model has none")
+        options = (options if options is not None else ColorizeOptions()).resolved(
+            self.config, self.plugin.config if self.plugin is not None else None)
         if background_references is not None:
-            if not use_plugin:
+            if not options.plugin:
                 raise ValueError("a background reference needs the plugin (split attention); it is off or absent")
             if len(background_references) != len(references):
                 raise ValueError(f"got {len(background_references)} background references for "
                                  f"{len(references)} references")
-        s = self.config.sampling
-        steps = s.steps if steps is None else int(steps)
-        if not 1 <= steps <= 200:
-            raise ValueError(f"steps {steps} is outside [1, 200]")
-        guidance = guidance or Guidance(s.reference_guidance, s.sketch_guidance)
         points = len(self.sketch_encoder.points)
-        if sketch_strengths is not None and len(sketch_strengths) != points:
-            raise ValueError(f"sketch_strengths needs {points} values (one per injection point), got {len(sketch_strengths)}")
+        if options.sketch_strengths is not None and len(options.sketch_strengths) != points:
+            raise ValueError(f"sketch_strengths needs {points} values (one per injection point), "
+                             f"got {len(options.sketch_strengths)}")
+        guidance = Guidance(options.reference_guidance, options.sketch_guidance)
         first = image_to_tensor(sketches[0])
-        width, height = self.output_size((first.shape[-1], first.shape[-2]), size)
+        width, height = self.output_size((first.shape[-1], first.shape[-2]), options.size)
         device, dtype = self.device, self.dtype
-        batch = len(sketches)
 
         sketch = torch.cat([sketch_to_tensor(x, (width, height)) for x in sketches]).to(device, dtype)
-        encoder_side = max(self.config.tagger.image_size, self.config.clip.image_size)
-        reference = torch.cat([_square_reference(image_to_tensor(x), encoder_side) for x in references])
-        context = self.encode_reference(reference) * reference_strength
-        vector = vector_condition(height, width, aesthetic_score or s.aesthetic_score, batch=batch, device=device)
-        conditions = guidance.conditions
-
+        context = self._reference_context(references, options.reference_strength)
+        vector = vector_condition(height, width, options.aesthetic_score, batch=len(sketches), device=device)
         split_kwargs = None
-        if use_plugin:  # the plugin runs here, once; its features serve every step
-            from model.plugin import plugin_inputs
-            from model.split_attention import split_attention_kwargs
-
-            sketch_mask, reference_mask, reference_latents = plugin_inputs(
-                self, sketches, references, background_references, (width, height))
-            features = self.plugin(reference_latents, sketch_mask, reference_mask, vector)
-            background_context = None
-            if background_references is not None and any(b is not None for b in background_references):
-                given = [i for i, b in enumerate(background_references) if b is not None]
-                background = context.clone()
-                background[given] = self.encode_reference(torch.cat(
-                    [_square_reference(image_to_tensor(background_references[i]), encoder_side) for i in given]
-                )) * reference_strength
-                per_condition_bg = {"full": background, "no_reference": torch.zeros_like(background),
-                                    "no_sketch": background}
-                background_context = torch.cat([per_condition_bg[c] for c in conditions])
-            threshold = self.plugin.config.mask_threshold if mask_threshold is None else mask_threshold
-            split_kwargs = split_attention_kwargs(sketch_mask, reference_mask, features, background_context,
-                                                  foreground_strength=foreground_strength,
-                                                  background_strength=background_strength, mask_threshold=threshold)
-
+        if options.plugin:
+            split_kwargs = self._plugin_attention(sketches, references, background_references, (width, height),
+                                                  context, vector, guidance, options)
+        sketch_strengths = None if options.sketch_strengths is None else list(options.sketch_strengths)
         latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context, sketch=sketch,
-                                   vector=vector, seeds=seeds, steps=steps, guidance=guidance,
+                                   vector=vector, seeds=seeds, steps=options.steps, guidance=guidance,
                                    sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs)
         return tensor_to_image(decode_latents(self.vae, latents))
+
+    def _reference_context(self, images: list, strength: float) -> torch.Tensor:
+        """References of any sizes → their cross-attention context (B, N, D), scaled by ``strength``."""
+        side = max(self.config.tagger.image_size, self.config.clip.image_size)
+        squares = torch.cat([_square_reference(image_to_tensor(x), side) for x in images])
+        return self.encode_reference(squares) * strength
+
+    def _plugin_attention(self, sketches: list, references: list, background_references: list | None,
+                          size: tuple[int, int], context: torch.Tensor, vector: torch.Tensor, guidance: Guidance,
+                          options: ColorizeOptions) -> dict:
+        """The ``cross_attention_kwargs`` that split attention into foreground and background. The plugin
+        runs here, once per generation: its features serve every sampling step.
+
+        ``context`` is the references' context; items with a background reference get that one's context
+        for the background, stacked per guidance condition as the U-Net batch is (the reference-free
+        condition sees zeros, as for the foreground).
+        """
+        sketch_mask, reference_mask, reference_latents = plugin_inputs(
+            self, sketches, references, background_references, size)
+        features = self.plugin(reference_latents, sketch_mask, reference_mask, vector)
+        background_context = None
+        if background_references is not None and any(b is not None for b in background_references):
+            given = [i for i, b in enumerate(background_references) if b is not None]
+            background = context.clone()
+            background[given] = self._reference_context([background_references[i] for i in given],
+                                                        options.reference_strength)
+            per_condition = {"full": background, "no_reference": torch.zeros_like(background),
+                             "no_sketch": background}
+            background_context = torch.cat([per_condition[c] for c in guidance.conditions])
+        return split_attention_kwargs(sketch_mask, reference_mask, features, background_context,
+                                      foreground_strength=options.foreground_strength,
+                                      background_strength=options.background_strength,
+                                      mask_threshold=options.mask_threshold)
 
 
 def _square_reference(image: torch.Tensor, side: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The HTTP API as a plain FastAPI app: request parsing, validation, auth and size limits.
 
-Nothing here imports Ray. The app talks to a :class:`Backend` (``info()`` and ``async colorize(job)``);
+Nothing here imports Ray (nor torch). The app talks to a :class:`Backend` (``info()`` and
+``async colorize(request)``, a :class:`ColorizeRequest`);
 ``serve/app.py`` gives it one that calls the model deployment, and any object with those two methods
 works for other uses.
 
@@ -43,15 +44,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.sizes import fit_size, validate_size
 from model.image_io import DecodeError, decode_image
 from model.line_art import CLASSIC_EXTRACTORS
+from model.options import ColorizeOptions
+from model.sizes import fit_size, validate_size
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 MAX_STEPS = 100
 MAX_SEED = 2**63 - 1
 IMAGE_FIELDS = ("sketch", "reference", "background_reference")
+# The API's limits and back-off, defined here once: Settings, Overloaded and serve/app.py's AppOptions use them.
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole request, images included
+DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096  # per uploaded image, checked from its header before decoding
+DEFAULT_RETRY_AFTER_S = 1.0  # what a 503 asks the client to wait
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -68,7 +74,8 @@ class ApiError(Exception):
 class Overloaded(Exception):
     """Raised by a backend that cannot take the request now (→ 503 with Retry-After)."""
 
-    def __init__(self, message: str = "the service is overloaded; retry later", retry_after_s: float = 1.0):
+    def __init__(self, message: str = "the service is overloaded; retry later",
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S):
         super().__init__(message)
         self.message = message
         self.retry_after_s = retry_after_s
@@ -91,7 +98,7 @@ def _validation_message(err: ValidationError) -> str:
 class ModelInfo:
     """What the API needs to know about the model (``GET /v1/info`` returns it)."""
 
-    preset: str | None
+    preset: str  # a preset's name, or "custom"
     size_multiple: int
     min_side: int
     max_side: int
@@ -108,53 +115,46 @@ class ModelInfo:
         from model.config import preset_name
 
         s = config.sampling
-        try:
-            preset = preset_name(config)
-        except ValueError:
-            preset = None
-        return cls(preset=preset, size_multiple=config.size_multiple, min_side=s.min_side, max_side=s.max_side,
-                   default_area=s.default_area, default_steps=min(s.steps, MAX_STEPS),
+        return cls(preset=preset_name(config), size_multiple=config.size_multiple, min_side=s.min_side,
+                   max_side=s.max_side, default_area=s.default_area, default_steps=min(s.steps, MAX_STEPS),
                    reference_guidance=s.reference_guidance, sketch_guidance=s.sketch_guidance, plugin=plugin)
 
 
-@dataclass
-class Job:
-    """One validated colorization request, as the backend receives it (images are RGB uint8 arrays)."""
+@dataclass(frozen=True, eq=False)  # compared by identity: image arrays have no single truth value to compare
+class ColorizeRequest:
+    """One validated colorization request, as the backend receives it (images are RGB uint8 arrays).
+
+    ``options`` are fully spelled out (no ``None`` left for the model to fill), so the response can report
+    exactly what was used; requests with equal options can share one ``colorize_batch`` call.
+    """
 
     sketch: np.ndarray
     reference: np.ndarray
     background_reference: np.ndarray | None
     seed: int
-    steps: int
-    width: int
-    height: int
-    reference_guidance: float
-    sketch_guidance: float
-    reference_strength: float
-    plugin: bool
+    options: ColorizeOptions
     line_extractor: str | None = None  # the sketch's lines were extracted with this first (None: used as sent)
 
     def parameters(self) -> dict[str, Any]:
-        used = {k: v for k, v in asdict(self).items() if k not in IMAGE_FIELDS}
-        used["background_reference"] = self.background_reference is not None
-        return used
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can run in one ``colorize_batch`` call."""
-        return (self.width, self.height, self.steps, self.reference_guidance, self.sketch_guidance,
-                self.reference_strength, self.plugin)
+        """What was used, for the response (``X-*`` headers or the JSON ``parameters``)."""
+        options = self.options
+        width, height = options.size
+        return {"seed": self.seed, "steps": options.steps, "width": width, "height": height,
+                "reference_guidance": options.reference_guidance, "sketch_guidance": options.sketch_guidance,
+                "reference_strength": options.reference_strength, "plugin": options.plugin,
+                "line_extractor": self.line_extractor, "background_reference": self.background_reference is not None}
 
 
 class Backend(Protocol):
     def info(self) -> ModelInfo: ...
 
-    async def colorize(self, job: Job) -> np.ndarray: ...
+    async def colorize(self, request: ColorizeRequest) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
 class Settings:
-    max_body_bytes: int = 32 * 1024 * 1024  # a whole request, images included
-    max_input_pixels: int = 4096 * 4096  # per uploaded image, checked from its header before decoding
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
     api_token: str | None = None  # bearer token; None or "" = no auth
     open_paths: tuple[str, ...] = field(default=("/healthz", "/"))
 
@@ -317,22 +317,24 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
                 width, height = validate_size(params.width, params.height, **limits)
             except ValueError as err:
                 raise ApiError(422, str(err)) from None
-        job = Job(sketch=decoded["sketch"], reference=decoded["reference"],
-                  background_reference=decoded.get("background_reference"),
-                  seed=secrets.randbelow(2**31) if params.seed is None else params.seed,
-                  steps=model.default_steps if params.steps is None else params.steps,
-                  width=width, height=height,
-                  reference_guidance=model.reference_guidance if params.reference_guidance is None
-                  else params.reference_guidance,
-                  sketch_guidance=model.sketch_guidance if params.sketch_guidance is None else params.sketch_guidance,
-                  reference_strength=params.reference_strength, plugin=use_plugin,
-                  line_extractor=params.line_extractor if params.extract_lines else None)
+        options = ColorizeOptions(
+            size=(width, height),
+            steps=model.default_steps if params.steps is None else params.steps,
+            reference_guidance=model.reference_guidance if params.reference_guidance is None
+            else params.reference_guidance,
+            sketch_guidance=model.sketch_guidance if params.sketch_guidance is None else params.sketch_guidance,
+            reference_strength=params.reference_strength, plugin=use_plugin)
+        colorize_request = ColorizeRequest(
+            sketch=decoded["sketch"], reference=decoded["reference"],
+            background_reference=decoded.get("background_reference"),
+            seed=secrets.randbelow(2**31) if params.seed is None else params.seed, options=options,
+            line_extractor=params.line_extractor if params.extract_lines else None)
         try:
-            result = await backend.colorize(job)
+            result = await backend.colorize(colorize_request)
         except ValueError as err:  # the model refused the combination: the client's to fix
             raise ApiError(422, str(err)) from None
         png = _png(result)
-        used = job.parameters()
+        used = colorize_request.parameters()
         if params.format == "json":
             return {"image": base64.b64encode(png).decode("ascii"), "media_type": "image/png", "parameters": used}
         headers = {"X-" + "-".join(w.capitalize() for w in k.split("_")): str(v).lower() if isinstance(v, bool)

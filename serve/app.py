@@ -5,8 +5,8 @@
 
 ``ColorizerModel`` holds one :class:`model.colorizer.Colorizer` per replica (GPU when ``num_gpus`` > 0),
 autoscales between ``min_replicas`` and ``max_replicas`` on ``target_ongoing_requests``, and gathers
-concurrent requests with ``@serve.batch``; within a gathered batch, requests that share output size,
-steps, guidance, strength and plugin run as one ``colorize_batch`` call (each keeps its own seed, so a
+concurrent requests with ``@serve.batch``; within a gathered batch, requests with equal
+:class:`model.options.ColorizeOptions` run as one ``colorize_batch`` call (each keeps its own seed, so a
 result does not depend on what it was batched with). When the model's queue is full (more than
 ``max_queued_requests`` waiting), the ingress answers 503 with ``Retry-After``.
 
@@ -33,9 +33,16 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from serve.api import Job, ModelInfo, Overloaded, Settings, create_app
+from model.options import ColorizeOptions
+from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INPUT_PIXELS, DEFAULT_RETRY_AFTER_S, ColorizeRequest,
+                       ModelInfo, Overloaded, Settings, create_app)
 
 DTYPES = ("float32", "float16", "bfloat16")
+# Defaults the deployment decorators below need at import time; AppOptions declares the same ones to users.
+DEFAULT_MAX_ONGOING_REQUESTS = 8
+DEFAULT_MAX_QUEUED_REQUESTS = 32
+DEFAULT_MAX_BATCH_SIZE = 4
+DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.05
 
 
 class AppOptions(BaseModel):
@@ -51,16 +58,16 @@ class AppOptions(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
-    max_ongoing_requests: int = Field(8, ge=1)
-    max_queued_requests: int = Field(32, ge=-1)  # -1 = unbounded (Serve's default)
-    max_batch_size: int = Field(4, ge=1)
-    batch_wait_timeout_s: float = Field(0.05, ge=0)
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
-    max_input_pixels: int = Field(4096 * 4096, ge=1)
+    max_ongoing_requests: int = Field(DEFAULT_MAX_ONGOING_REQUESTS, ge=1)
+    max_queued_requests: int = Field(DEFAULT_MAX_QUEUED_REQUESTS, ge=-1)  # -1 = unbounded (Serve's default)
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1)
+    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    max_input_pixels: int = Field(DEFAULT_MAX_INPUT_PIXELS, ge=1)
     api_token: str | None = None
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.25, ge=0)
-    retry_after_s: float = Field(1.0, gt=0)
+    retry_after_s: float = Field(DEFAULT_RETRY_AFTER_S, gt=0)
 
     @field_validator("dtype")
     @classmethod
@@ -106,13 +113,14 @@ def read_model_info(folder: str | Path) -> ModelInfo:
 @serve.deployment(
     ray_actor_options={"num_cpus": 1, "num_gpus": 0},
     autoscaling_config={"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2},
-    max_ongoing_requests=8,
-    max_queued_requests=32,
+    max_ongoing_requests=DEFAULT_MAX_ONGOING_REQUESTS,
+    max_queued_requests=DEFAULT_MAX_QUEUED_REQUESTS,
     health_check_period_s=10,
 )
 class ColorizerModel:
-    def __init__(self, folder: str, device: str = "auto", dtype: str = "float32", max_batch_size: int = 4,
-                 batch_wait_timeout_s: float = 0.05):
+    def __init__(self, folder: str, device: str = "auto", dtype: str = "float32",
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S):
         import torch
 
         from model.colorizer import Colorizer
@@ -136,15 +144,15 @@ class ColorizerModel:
     def stats(self) -> dict:
         return {"batches": self.batches, "device": self.device}
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
-    async def colorize(self, jobs: list[Job]) -> list[dict]:
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
+    async def colorize(self, requests: list[ColorizeRequest]) -> list[dict]:
         """Each result is ``{"image": array}`` or ``{"error": message}`` (an error stays with its group)."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for index, job in enumerate(jobs):
-            groups[job.batch_key()].append(index)
-        results: list[dict] = [{}] * len(jobs)
+        groups: dict[ColorizeOptions, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[request.options].append(index)
+        results: list[dict] = [{}] * len(requests)
         for indices in groups.values():
-            members = [jobs[i] for i in indices]
+            members = [requests[i] for i in indices]
             try:
                 images = await asyncio.to_thread(self._run_group, members)
                 outcome = [{"image": np.asarray(image)} for image in images]
@@ -154,17 +162,13 @@ class ColorizerModel:
                 results[i] = result
         return results
 
-    def _run_group(self, jobs: list[Job]) -> list:
-        from model.guidance import Guidance
-
-        first = jobs[0]
-        backgrounds = [job.background_reference for job in jobs]
+    def _run_group(self, requests: list[ColorizeRequest]) -> list:
+        """One ``colorize_batch`` call for requests that share their options."""
+        backgrounds = [request.background_reference for request in requests]
         self.batches += 1
         return self.model.colorize_batch(
-            [job.sketch for job in jobs], [job.reference for job in jobs], seeds=[job.seed for job in jobs],
-            steps=first.steps, size=(first.width, first.height),
-            guidance=Guidance(first.reference_guidance, first.sketch_guidance),
-            reference_strength=first.reference_strength, plugin=first.plugin,
+            [request.sketch for request in requests], [request.reference for request in requests],
+            requests[0].options, seeds=[request.seed for request in requests],
             background_references=backgrounds if any(b is not None for b in backgrounds) else None)
 
 
@@ -180,9 +184,9 @@ class _HandleBackend:
     def info(self) -> ModelInfo:
         return self._info
 
-    async def colorize(self, job: Job) -> np.ndarray:
+    async def colorize(self, request: ColorizeRequest) -> np.ndarray:
         try:
-            result = await self.handle.colorize.remote(job)
+            result = await self.handle.colorize.remote(request)
         except BackPressureError as err:
             raise Overloaded(f"the model's queue is full; retry in {self.retry_after_s:g} s ({err})",
                              retry_after_s=self.retry_after_s) from None
@@ -200,7 +204,8 @@ class ColorizeIngress:
     and settings; Serve serves it exactly like ``@serve.ingress(app)``.
     """
 
-    def __init__(self, model: DeploymentHandle, folder: str, settings: dict, retry_after_s: float = 1.0):
+    def __init__(self, model: DeploymentHandle, folder: str, settings: dict,
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S):
         self.backend = _HandleBackend(model, read_model_info(folder), retry_after_s)
         self.settings = Settings(**settings)
 

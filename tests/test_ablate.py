@@ -114,6 +114,7 @@ def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
     import torch
 
     from model.colorizer import Colorizer
+    from model.options import ColorizeOptions
     from pipelines.data.synthetic import synthetic_illustration
 
     out, _, _ = ablation
@@ -127,6 +128,8 @@ def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
     assert adapters and all(v.abs().sum() > 0 for v in adapters.values())
 
     picture = synthetic_illustration(seed=2, width=96, height=96)
-    on = np.asarray(after.colorize(picture.sketch, picture.color, steps=2, size=(96, 96), plugin=True))
-    off = np.asarray(after.colorize(picture.sketch, picture.color, steps=2, size=(96, 96), plugin=False))
+    on = np.asarray(after.colorize(picture.sketch, picture.color,
+                                   ColorizeOptions(size=(96, 96), steps=2, plugin=True)))
+    off = np.asarray(after.colorize(picture.sketch, picture.color,
+                                    ColorizeOptions(size=(96, 96), steps=2, plugin=False)))
     assert not np.array_equal(on, off)

@@ -10,6 +10,7 @@ import torch
 
 from model.colorizer import Colorizer
 from model.guidance import Guidance, guided_prediction
+from model.options import ColorizeOptions
 from model.sizes import fit_size, validate_size
 
 
@@ -18,12 +19,13 @@ def pixels(image):
 
 
 def test_colorize_returns_the_requested_size(tiny_colorizer, drawing_pair):
-    image = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0, size=(160, 96))
+    image = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, ColorizeOptions(size=(160, 96), steps=2),
+                                   seed=0)
     assert image.size == (160, 96) and image.mode == "RGB"
 
 
 def test_colorize_fits_the_sketch_aspect_when_no_size_is_given(tiny_colorizer, drawing_pair):
-    image = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0)
+    image = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, ColorizeOptions(steps=2), seed=0)
     width, height = image.size
     assert width % 32 == 0 and height % 32 == 0
     assert width > height  # the 128x96 drawing is landscape
@@ -31,8 +33,8 @@ def test_colorize_fits_the_sketch_aspect_when_no_size_is_given(tiny_colorizer, d
 
 
 def test_sampling_is_deterministic_under_a_seed(tiny_colorizer, drawing_pair):
-    run = lambda seed: pixels(tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=3, seed=seed,
-                                                      size=(96, 64)))
+    options = ColorizeOptions(size=(96, 64), steps=3)
+    run = lambda seed: pixels(tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, options, seed=seed))
     first, again, other = run(7), run(7), run(8)
     assert np.array_equal(first, again)
     assert np.abs(first - other).mean() > 1.0
@@ -40,18 +42,20 @@ def test_sampling_is_deterministic_under_a_seed(tiny_colorizer, drawing_pair):
 
 def test_batched_items_match_their_single_runs(tiny_colorizer, drawing_pair):
     pair = drawing_pair
+    options = ColorizeOptions(size=(64, 64), steps=2)
     batched = tiny_colorizer.colorize_batch([pair.sketch, pair.sketch], [pair.color, pair.color[::-1].copy()],
-                                            seeds=[1, 2], steps=2, size=(64, 64))
-    single = tiny_colorizer.colorize(pair.sketch, pair.color[::-1].copy(), steps=2, seed=2, size=(64, 64))
+                                            options, seeds=[1, 2])
+    single = tiny_colorizer.colorize(pair.sketch, pair.color[::-1].copy(), options, seed=2)
     assert np.abs(pixels(batched[1]) - pixels(single)).max() <= 1
 
 
 def test_sketch_and_reference_both_change_the_result(tiny_colorizer, drawing_pair):
     pair = drawing_pair
-    base = pixels(tiny_colorizer.colorize(pair.sketch, pair.color, steps=2, seed=0, size=(64, 64)))
+    options = ColorizeOptions(size=(64, 64), steps=2)
+    base = pixels(tiny_colorizer.colorize(pair.sketch, pair.color, options, seed=0))
     blank = np.full_like(pair.sketch, 255)
-    no_lines = pixels(tiny_colorizer.colorize(blank, pair.color, steps=2, seed=0, size=(64, 64)))
-    other_ref = pixels(tiny_colorizer.colorize(pair.sketch, 255 - pair.color, steps=2, seed=0, size=(64, 64)))
+    no_lines = pixels(tiny_colorizer.colorize(blank, pair.color, options, seed=0))
+    other_ref = pixels(tiny_colorizer.colorize(pair.sketch, 255 - pair.color, options, seed=0))
     assert np.abs(base - no_lines).mean() > 0.1
     assert np.abs(base - other_ref).mean() > 0.1
 
@@ -64,7 +68,7 @@ def test_sketch_and_reference_both_change_the_result(tiny_colorizer, drawing_pai
 ])
 def test_sizes_off_the_grid_are_refused_with_the_reason(tiny_colorizer, drawing_pair, size, message):
     with pytest.raises(ValueError, match=message):
-        tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=1, size=size)
+        tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, ColorizeOptions(size=size, steps=1))
 
 
 def test_size_fitting_snaps_to_the_grid():
@@ -76,9 +80,9 @@ def test_size_fitting_snaps_to_the_grid():
 def test_bad_controls_are_refused(tiny_colorizer, drawing_pair):
     pair = drawing_pair
     with pytest.raises(ValueError, match="steps 0"):
-        tiny_colorizer.colorize(pair.sketch, pair.color, steps=0)
+        tiny_colorizer.colorize(pair.sketch, pair.color, ColorizeOptions(steps=0))
     with pytest.raises(ValueError, match="4 values"):
-        tiny_colorizer.colorize(pair.sketch, pair.color, steps=1, sketch_strengths=[1.0])
+        tiny_colorizer.colorize(pair.sketch, pair.color, ColorizeOptions(steps=1, sketch_strengths=[1.0]))
     with pytest.raises(ValueError, match="reference guidance"):
         Guidance(reference=-1.0)
 
@@ -103,7 +107,7 @@ def test_model_folder_round_trip_reproduces_the_output(tiny_colorizer, drawing_p
     loaded = Colorizer.from_pretrained(folder)
     for name, tensor in tiny_colorizer.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
-    args = dict(steps=2, seed=5, size=(64, 96))
+    args = dict(options=ColorizeOptions(size=(64, 96), steps=2), seed=5)
     assert np.array_equal(pixels(loaded.colorize(drawing_pair.sketch, drawing_pair.color, **args)),
                           pixels(tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, **args)))
 
@@ -129,8 +133,9 @@ def test_colorize_runs_in_bfloat16(tiny_colorizer, drawing_pair, tmp_path):
     folder = tiny_colorizer.save_pretrained(tmp_path / "model")
     half = Colorizer.from_pretrained(folder, dtype=torch.bfloat16)
     assert half.dtype == torch.bfloat16
-    image = half.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0, size=(64, 64))
-    reference = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, steps=2, seed=0, size=(64, 64))
+    options = ColorizeOptions(size=(64, 64), steps=2)
+    image = half.colorize(drawing_pair.sketch, drawing_pair.color, options, seed=0)
+    reference = tiny_colorizer.colorize(drawing_pair.sketch, drawing_pair.color, options, seed=0)
     assert image.size == (64, 64)
     assert np.abs(pixels(image) - pixels(reference)).mean() < 12  # same picture up to bf16 rounding
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from model.colorizer import Colorizer
-from model.guidance import Guidance
 from model.objective import TrainingBatch
+from model.options import ColorizeOptions
 from model.plugin import PluginConfig, attach_plugin, plugin_training_step, prepare_stage2
 from model.split_attention import (adapter_parameters, decoder_self_attention_names, install_split_attention,
                                    split_attention_kwargs)
@@ -249,30 +250,31 @@ def test_stage2_gradients_survive_gradient_checkpointing(tiny_colorizer):
 
 # ------------------------------------------------------------------------------------------- colorize
 def test_colorize_runs_the_plugin_once_and_plugin_off_is_the_base_model(plugin_model, tiny_colorizer, drawing_pair):
-    pair, args = drawing_pair, dict(seed=0, size=(64, 64), guidance=Guidance(4.5, 1.0))
+    pair = drawing_pair
+    options = ColorizeOptions(size=(64, 64), steps=3, reference_guidance=4.5, sketch_guidance=1.0)
     calls = []
     hook = plugin_model.plugin.register_forward_hook(lambda *_: calls.append(1))
     try:
-        on = pixels(plugin_model.colorize(pair.sketch, pair.color, steps=3, **args))
+        on = pixels(plugin_model.colorize(pair.sketch, pair.color, options, seed=0))
     finally:
         hook.remove()
     assert len(calls) == 1
-    off = pixels(plugin_model.colorize(pair.sketch, pair.color, steps=3, plugin=False, **args))
-    base = pixels(tiny_colorizer.colorize(pair.sketch, pair.color, steps=3, **args))
+    off = pixels(plugin_model.colorize(pair.sketch, pair.color, replace(options, plugin=False), seed=0))
+    base = pixels(tiny_colorizer.colorize(pair.sketch, pair.color, options, seed=0))
     assert np.array_equal(off, base)
     assert np.abs(on - off).mean() > 0.5
-    other_background = pixels(plugin_model.colorize(pair.sketch, pair.color, steps=3,
-                                                    background_reference=255 - pair.color, **args))
+    other_background = pixels(plugin_model.colorize(pair.sketch, pair.color, options, seed=0,
+                                                    background_reference=255 - pair.color))
     assert np.abs(other_background - on).mean() > 0.5
 
 
 def test_plugin_batches_match_single_runs(plugin_model, drawing_pair):
     pair = drawing_pair
     flipped = pair.color[::-1].copy()
-    batched = plugin_model.colorize_batch([pair.sketch, pair.sketch], [pair.color, flipped], seeds=[1, 2], steps=2,
-                                          size=(64, 64), background_references=[None, pair.color])
-    single = plugin_model.colorize(pair.sketch, flipped, steps=2, seed=2, size=(64, 64),
-                                   background_reference=pair.color)
+    options = ColorizeOptions(size=(64, 64), steps=2)
+    batched = plugin_model.colorize_batch([pair.sketch, pair.sketch], [pair.color, flipped], options, seeds=[1, 2],
+                                          background_references=[None, pair.color])
+    single = plugin_model.colorize(pair.sketch, flipped, options, seed=2, background_reference=pair.color)
     assert np.abs(pixels(batched[1]) - pixels(single)).max() <= 1
 
 
@@ -290,7 +292,7 @@ def test_folder_round_trip_with_a_plugin_reproduces_the_output(plugin_model, dra
     assert loaded_state.keys() == plugin_model.state_dict().keys()
     for name, tensor in plugin_model.state_dict().items():
         torch.testing.assert_close(loaded_state[name], tensor, rtol=0, atol=0, msg=name)
-    args = dict(steps=2, seed=5, size=(64, 96))
+    args = dict(options=ColorizeOptions(size=(64, 96), steps=2), seed=5)
     expected = pixels(plugin_model.colorize(drawing_pair.sketch, drawing_pair.color, **args))
     assert np.array_equal(pixels(loaded.colorize(drawing_pair.sketch, drawing_pair.color, **args)), expected)
 
@@ -302,9 +304,9 @@ def test_folder_round_trip_with_a_plugin_reproduces_the_output(plugin_model, dra
 def test_plugin_requests_without_a_plugin_are_refused(tiny_colorizer, plugin_model, drawing_pair):
     pair = drawing_pair
     with pytest.raises(ValueError, match="plugin=True needs a model with a plugin"):
-        tiny_colorizer.colorize(pair.sketch, pair.color, steps=1, size=(64, 64), plugin=True)
+        tiny_colorizer.colorize(pair.sketch, pair.color, ColorizeOptions(size=(64, 64), steps=1, plugin=True))
     with pytest.raises(ValueError, match="background reference needs the plugin"):
-        plugin_model.colorize(pair.sketch, pair.color, steps=1, size=(64, 64), plugin=False,
+        plugin_model.colorize(pair.sketch, pair.color, ColorizeOptions(size=(64, 64), steps=1, plugin=False),
                               background_reference=pair.color)
     with pytest.raises(ValueError, match="needs \\['reference_latents', 'sketch_mask', 'reference_mask'\\]"):
         batch = make_stage2_batch(plugin_model)

@@ -124,8 +124,8 @@ def test_health_and_info(server):
 
 def test_png_of_requested_size_matches_the_model(server, pair, model_folder):
     from model.colorizer import Colorizer
-    from model.guidance import Guidance
     from model.image_io import decode_image
+    from model.options import ColorizeOptions
 
     fields = {"seed": "1234", "steps": "3", "width": "96", "height": "64", "reference_guidance": "2.5",
               "sketch_guidance": "1.5", "reference_strength": "0.8"}
@@ -140,12 +140,12 @@ def test_png_of_requested_size_matches_the_model(server, pair, model_folder):
     assert headers["X-Reference-Strength"] == "0.8" and headers["X-Plugin"] == "false"
 
     model = Colorizer.from_pretrained(model_folder)
-    local = model.colorize(decode_image(pair[0]), decode_image(pair[1]), steps=3, seed=1234, size=(96, 64),
-                           guidance=Guidance(2.5, 1.5), reference_strength=0.8)
+    options = ColorizeOptions(size=(96, 64), steps=3, reference_guidance=2.5, sketch_guidance=1.5,
+                              reference_strength=0.8)
+    local = model.colorize(decode_image(pair[0]), decode_image(pair[1]), options, seed=1234)
     difference = np.abs(served.astype(int) - np.asarray(local).astype(int)).max()
     assert difference <= 1, difference
-    other = model.colorize(decode_image(pair[0]), decode_image(pair[1]), steps=3, seed=1235, size=(96, 64),
-                           guidance=Guidance(2.5, 1.5), reference_strength=0.8)
+    other = model.colorize(decode_image(pair[0]), decode_image(pair[1]), options, seed=1235)
     assert np.abs(served.astype(int) - np.asarray(other).astype(int)).max() > 1  # the seed matters
 
 

@@ -81,10 +81,12 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     assert {a.path for a in client.list_artifacts(run.info.run_id, "gram")} == {"gram/step_0000009.png"}
 
     from model.colorizer import Colorizer
+    from model.options import ColorizeOptions
     from pipelines.data.synthetic import synthetic_illustration
 
     picture = synthetic_illustration(seed=1, width=96, height=96)
-    image = Colorizer.from_pretrained(export).colorize(picture.sketch, picture.color, steps=2, size=(96, 96))
+    image = Colorizer.from_pretrained(export).colorize(picture.sketch, picture.color,
+                                                       ColorizeOptions(size=(96, 96), steps=2))
     assert image.size == (96, 96)
 
     output, _ = train(data, "--stage", "backbone", "--steps", "12", "--checkpoint-every", "3",

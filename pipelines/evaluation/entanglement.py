@@ -30,6 +30,7 @@ from model.images import image_to_tensor, sketch_to_tensor
 from model.vae import encode_latents
 from model.vector_condition import vector_condition
 from model.line_art import CLASSIC_EXTRACTORS, invert
+from model.options import ColorizeOptions
 
 
 @dataclass
@@ -122,8 +123,8 @@ def spatial_entanglement(model, rows: list[dict], *, shift: int = 1, timesteps: 
         extractor = made_by if made_by in CLASSIC_EXTRACTORS else fallback_extractor
         used.append(extractor)
         height, width = drawing.shape[:2]
-        outputs = model.colorize_batch([drawing, drawing], [other, truths[i]], seeds=[seed + i] * 2, steps=steps,
-                                       size=(width, height))
+        outputs = model.colorize_batch([drawing, drawing], [other, truths[i]],
+                                       ColorizeOptions(size=(width, height), steps=steps), seeds=[seed + i] * 2)
         reach = tolerance if tolerance is not None else max(1, round(min(height, width) / 128))
         sketch_lines = drawing < 128
         for output, scores in zip(outputs, (misaligned_scores, aligned_scores)):

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from model.options import ColorizeOptions
 from pipelines.evaluation.deform import Deformation, deform_reference, draw_deformation
 from pipelines.evaluation.metrics import (PSNR_CAP_DB, ExtractorChoice, PixelMetrics, build_extractor, choose_clip_extractor,
                                choose_fid_extractor, clip_metric_name, cosine, fid_metric_name, frechet_distance,
@@ -232,8 +233,8 @@ class BatchEvaluator:
                 same = truth.shape[:2] == (height, width)
                 targets.append(truth if same else resize(truth, width, height))
             seeds = [specs[i].seed for i in members]
-            outputs = self.model.colorize_batch(drawings * 2, randoms + deformed, seeds=seeds * 2,
-                                                steps=self.config.steps, size=(width, height))
+            options = ColorizeOptions(size=(width, height), steps=self.config.steps)
+            outputs = self.model.colorize_batch(drawings * 2, randoms + deformed, options, seeds=seeds * 2)
             outputs = [np.asarray(o) for o in outputs]
             with_random, with_deformed = _as_batch(outputs[: len(members)]), _as_batch(outputs[len(members):])
             truth_batch = _as_batch(targets)
