@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.TemporaryDirectory(prefix="bench-serve-")
     folder = args.model
     if folder is None:
-        from jobs.init_model import init_model
+        from model.assembly import init_model
 
         folder = str(init_model(Path(workdir.name) / "model", args.preset))
     drawing = synthetic_illustration(seed=1, width=args.size[0], height=args.size[1])

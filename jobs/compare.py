@@ -14,14 +14,13 @@ named "comparison" (tagged colorize.kind=comparison, so later comparisons skip i
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
+from jobs import flags  # noqa: E402
 from pipelines.experiments.compare import (  # noqa: E402
     find_experiment,
     log_comparison,
@@ -30,19 +29,18 @@ from pipelines.experiments.compare import (  # noqa: E402
     summarize_runs,
     write_comparison,
 )
+from pipelines.training.tracking import tracking_uri  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", required=True, help="experiment name (or id)")
+def build_parser():
+    p = flags.parser_for(__doc__)
     p.add_argument("--runs", nargs="+", default=None, metavar="RUN",
                    help="run ids, id prefixes (>= 6 characters) or run names, in column order "
                         "(default: every finished or running run, evaluation runs shown with their runs)")
     p.add_argument("--filter", default="", help="MLflow filter string, e.g. \"params.lr = '1e-05'\"")
     p.add_argument("--out", default="outputs/comparison", help="folder for comparison.md/.csv and the PNGs")
     p.add_argument("--smoothing", type=float, default=0.9, help="EMA factor of the smoothed curves, in [0, 1)")
-    p.add_argument("--mlflow-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db",
-                   help="tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    flags.add_mlflow(p, experiment=None, experiment_help="experiment name (or id)")
     p.add_argument("--log-to-mlflow", action="store_true",
                    help="also log the table and plots as artifacts of a new 'comparison' run")
     return p
@@ -50,14 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        client = open_store(args.mlflow_uri)
+    if args.experiment is None:
+        build_parser().error("--experiment is required")
+    with flags.job_errors("compare", LookupError):  # no such experiment or run
+        client = open_store(tracking_uri(args.mlflow_uri))
         experiment = find_experiment(client, args.experiment)
         runs = select_runs(client, experiment.experiment_id, args.runs, args.filter)
         summaries = summarize_runs(client, runs)
         result = write_comparison(summaries, experiment.name, Path(args.out), args.smoothing)
-    except (LookupError, ValueError) as error:
-        raise SystemExit(f"compare: {error}") from error
     print(result["markdown"])
     report = {"runs": [s.run_id for s in summaries], "files": [str(p) for p in result["files"]]}
     if args.log_to_mlflow:

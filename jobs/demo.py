@@ -1,6 +1,6 @@
 """`make demo`: the main job, end to end on a local Ray with the tiny preset.
 
-The chain so far, each step skipped when its output already exists:
+Seven steps, each skipped when its output already exists:
 
 1. make a synthetic corpus (with a few damaged files, as real corpora have) and a held-out one;
 2. assemble the base model folder (tiny preset, random init; holds the frozen encoders);
@@ -12,15 +12,17 @@ The chain so far, each step skipped when its output already exists:
 7. serve it with Ray Serve and send one HTTP request: a dataset sketch after another image's reference;
    the returned PNG is saved (``--keep-serving`` leaves the app and its web page up).
 
-The whole chain is one MLflow trace (a span per step). A second run reuses every finished step. A tiny model trained for a minute learns
-colors and coarse layout at best; the point is the whole system running, not the picture.
+The whole chain is one MLflow trace (a span per step). A second run reuses every finished step. A tiny
+model trained for a minute learns colors and coarse layout at best; the point is the whole system
+running, not the picture, so the demo also prints the held-out diffusion loss of each model, which says
+whether anything was learned while the picture is still noise. Every step calls the same typed functions
+as the job that does it on a cluster (pipelines/, model/, serve/).
 
     python jobs/demo.py --out outputs/demo
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -29,25 +31,34 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from jobs.init_model import init_model  # noqa: E402
-from jobs.train import build_parser as train_parser  # noqa: E402
-from jobs.train import make_trainer  # noqa: E402
-from jobs.make_corpus import make_corpus  # noqa: E402
-from pipelines.data.layout import read_all  # noqa: E402
-from pipelines.data.shards import PreprocessConfig  # noqa: E402
+from jobs import flags  # noqa: E402
+from model.assembly import init_model  # noqa: E402
+from model.colorizer import is_model_folder  # noqa: E402
+from model.line_art import invert  # noqa: E402
+from pipelines.data.layout import read_all, read_manifest  # noqa: E402
 from pipelines.data.ray_stream import run_preprocess  # noqa: E402
+from pipelines.data.shards import PreprocessConfig  # noqa: E402
+from pipelines.data.synthetic import write_corpus  # noqa: E402
+from pipelines.evaluation.heldout import heldout_diffusion_loss  # noqa: E402
+from pipelines.evaluation.mlflow_report import log_to_mlflow  # noqa: E402
+from pipelines.evaluation.protocol import EvaluationConfig, evaluate  # noqa: E402
+from pipelines.evaluation.ray_runner import ray_runner  # noqa: E402
+from pipelines.training.loop import TrainConfig  # noqa: E402
+from pipelines.training.trainer import WorkerResources, make_trainer  # noqa: E402
+from pipelines.training.tracking import DEFAULT_EXPERIMENT, STAGE_TAG, training_run_filter  # noqa: E402
+
+RUN_NAME = "demo"
+WORKERS = WorkerResources(workers=2, cpus_per_worker=0.5)  # two ZeRO-2 ranks on the laptop's two cores
 
 
 def demo_pair(dataset: str) -> tuple[dict, bytes, bytes]:
     """The first row's sketch (as a drawing, PNG) and the last row's image as its reference (JPEG bytes)."""
-    from model.line_art import invert
-
     rows = read_all(dataset, columns=["source", "image", "sketches"]).to_pylist()
     sketch_row, reference_row = rows[0], rows[-1]
     drawing = invert(np.asarray(Image.open(io.BytesIO(sketch_row["sketches"][0]))))
@@ -61,10 +72,10 @@ def serve_and_request(model_folder: str, dataset: str, out_dir: str, seed: int, 
                       keep_serving: bool) -> dict:
     """Deploy the Serve app of ``serve/app.py`` on the running local Ray, send one HTTP request with a dataset
     sketch and another image's reference, save the returned PNG and a sketch | reference | result strip."""
-    import requests
+    import requests  # the client side of the demo's one HTTP request
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app  # Ray Serve deployments: imported only when the demo gets this far
 
     where, sketch_png, reference_jpeg = demo_pair(dataset)
     quiet = {"log_level": "WARNING"}  # Serve's INFO lines would bury the demo's report; they stay in Ray's log files
@@ -101,7 +112,7 @@ def serve_and_request(model_folder: str, dataset: str, out_dir: str, seed: int, 
             "url": f"{url}/v1/colorize", "seconds": round(seconds, 3), "parameters": parameters, **where}
 
 
-class Chain:
+class TracedSteps:
     """The demo's steps as one MLflow trace (a span per step, with what it produced) and a timing table."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifacts: Path):
@@ -142,23 +153,28 @@ class Chain:
 
 def preprocess(corpus: Path, dataset: Path, base: Path) -> dict:
     cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "reference"))
-    done_before = (dataset / "manifest.json").is_file() and json.loads((dataset / "manifest.json").read_text()).get("complete")
+    done_before = (read_manifest(str(dataset)) or {}).get("complete", False)
     manifest = run_preprocess(str(corpus), str(dataset), cfg)
     return {"dataset": str(dataset), "rows": manifest["rows"], "errors": manifest["errors"],
             "inputs": manifest["inputs"], "note": "already done, skipped" if done_before else ""}
 
 
-def train_stage(stage: str, start: Path, dataset: Path, export: Path, steps: int, out: Path, tracking: str) -> dict:
-    """One stage with the same trainer as ``jobs/train.py``; skipped when its export exists."""
-    if (export / "config.json").is_file():
-        return {"export": str(export), "note": "already trained, skipped"}
-    train_args = train_parser().parse_args([
-        "--stage", stage, "--model", str(start), "--data", str(dataset), "--export", str(export),
-        "--steps", str(steps), "--batch-size", "2", "--workers", "2", "--cpus-per-worker", "0.5",
-        "--checkpoint-every", str(max(1, steps // 2)), "--sample-every", "0",
-        "--storage", str(out / "runs"), "--run-name", "demo", "--mlflow-uri", tracking])
-    result = make_trainer(train_args).fit()
-    return {"export": str(export), "steps": steps, "final_loss": result.metrics.get("loss")}
+def train_stage(stage: str, start: Path, dataset: Path, export: Path, steps: int, out: Path, tracking: str,
+                validation: Path) -> dict:
+    """One stage with the same trainer as ``jobs/train.py`` (skipped when its export exists), and the
+    held-out diffusion loss on ``validation`` before and after it, with the same noise draws."""
+    outputs = {"export": str(export)}
+    if is_model_folder(export):
+        outputs["note"] = "already trained, skipped"
+    else:
+        cfg = TrainConfig(stage=stage, model=str(start), dataset=str(dataset), export=str(export), steps=steps,
+                          batch_size=2, checkpoint_every=max(1, steps // 2), sample_every=0,
+                          log_every=max(1, steps // 4), run_name=RUN_NAME, mlflow_tracking_uri=tracking)
+        result = make_trainer(cfg, WORKERS, storage=str(out / "runs")).fit()
+        outputs |= {"steps": steps, "final_loss": result.metrics.get("loss")}
+    before, after = (heldout_diffusion_loss(str(folder), str(validation), stage=stage, device="cpu")
+                     for folder in (start, export))
+    return outputs | {"heldout_loss_before": round(before, 5), "heldout_loss_after": round(after, 5)}
 
 
 def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: int, seed: int, tracking: str) -> dict:
@@ -166,10 +182,6 @@ def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: i
 
     No Inception or CLIP weight files ship with the demo (nothing is downloaded), so it asks for the named
     substitutes: the model's own CLIP tower for both; the table and every MLflow key say so."""
-    from jobs.evaluate import ray_runner
-    from pipelines.evaluation.mlflow_report import log_to_mlflow
-    from pipelines.evaluation.protocol import EvaluationConfig, evaluate
-
     config = EvaluationConfig(samples=samples, steps=steps, seed=seed, fid_extractor="substitute:clip",
                               clip_extractor="substitute:model", device="cpu", batch_size=4)
     folder = out / "eval"
@@ -186,8 +198,8 @@ def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: i
     return {"metrics": report.metrics, "table": report.markdown(), "files": str(folder), "run": run_id}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    parser = flags.parser_for(__doc__)
     parser.add_argument("--out", default="outputs/demo", help="where everything goes")
     parser.add_argument("--images", type=int, default=32, help="size of the synthetic training corpus")
     parser.add_argument("--val-images", type=int, default=8, help="size of the held-out validation corpus")
@@ -207,20 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tracking = f"sqlite:///{out / 'mlflow.db'}"
-    chain = Chain(tracking, "colorize-xl", out / "mlartifacts")
+    chain = TracedSteps(tracking, DEFAULT_EXPERIMENT, out / "mlartifacts")
     corpus, val_corpus = out / "corpus", out / "val_corpus"
     dataset, val_dataset = out / "dataset", out / "val_dataset"
     stage1, stage2 = out / "stage1", out / "stage2"
 
     with chain.trace(out=str(out), preset="tiny", images=args.images, train_steps=args.train_steps):
-        with chain.step("make a synthetic corpus (training, with damaged files; held-out validation)") as o:
+        with chain.step("make a synthetic corpus (training, with damaged files; held-out validation)") as outputs:
             for folder, count, bad, seed in ((corpus, args.images, True, args.seed),
                                              (val_corpus, args.val_images, False, args.seed + 1)):
                 if not folder.is_dir():
-                    o[folder.name] = make_corpus(folder, count, bad, seed)
-            o["note"] = "" if o else "already made, reused"
-        with chain.step("assemble the base model folder (tiny preset, random init)") as o:
-            o["model"] = str(init_model(out / "base", "tiny", seed=args.seed))
+                    outputs[folder.name] = write_corpus(folder, count, bad, seed)
+            outputs["note"] = "" if outputs else "already made, reused"
+        with chain.step("assemble the base model folder (tiny preset, random init)") as outputs:
+            outputs["model"] = str(init_model(out / "base", "tiny", seed=args.seed))
         # Ray Data's per-operator progress (from the training data splitters too) would bury the demo's own
         # lines; the dashboard is on because Ray Train's cleaner polls the state API it serves.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # for processes started from here on
@@ -228,33 +240,38 @@ def main(argv: list[str] | None = None) -> int:
         context = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
         print(f"[demo] local Ray up; its dashboard: http://{context.dashboard_url}", flush=True)
         try:
-            with chain.step("preprocess with Ray Data (sketches, masks, tokens, latents → Parquet)") as o:
+            with chain.step("preprocess with Ray Data (sketches, masks, tokens, latents → Parquet)") as outputs:
                 train_data = preprocess(corpus, dataset, out / "base")
                 val_data = preprocess(val_corpus, val_dataset, out / "base")
-                o.update(train_data | {"validation": val_data})
-            with chain.step("train stage 1: backbone + Gram loss (Ray Train + DeepSpeed ZeRO-2, 2 workers)") as o:
-                o.update(train_stage("backbone", out / "base", dataset, stage1, args.train_steps, out, tracking))
-            with chain.step("train stage 2: plugin + split attention (Ray Train + DeepSpeed ZeRO-2)") as o:
-                o.update(train_stage("plugin", stage1, dataset, stage2, max(1, args.train_steps // 4), out, tracking))
-            with chain.step("evaluate on the validation set (Table 1 protocol, Ray Data actors)") as o:
+                outputs.update(train_data | {"validation": val_data})
+            with chain.step("train stage 1: backbone + Gram loss (Ray Train + DeepSpeed ZeRO-2, 2 workers)") as outputs:
+                outputs.update(train_stage("backbone", out / "base", dataset, stage1, args.train_steps, out, tracking,
+                                           val_dataset))
+                stage1_outputs = dict(outputs)
+            with chain.step("train stage 2: plugin + split attention (Ray Train + DeepSpeed ZeRO-2)") as outputs:
+                outputs.update(train_stage("plugin", stage1, dataset, stage2, max(1, args.train_steps // 4), out,
+                                           tracking, val_dataset))
+                learned = {"stage 1": stage1_outputs, "stage 2": dict(outputs)}
+            with chain.step("evaluate on the validation set (Table 1 protocol, Ray Data actors)") as outputs:
                 evaluation = evaluate_model(stage2, val_dataset, out, args.eval_samples, args.steps, args.seed,
                                             tracking)
-                o.update({k: v for k, v in evaluation.items() if k != "table"})
-            with chain.step("serve with Ray Serve and send one HTTP request") as o:
-                o.update(serve_and_request(str(stage2), str(dataset), str(out), args.seed, args.steps, args.port,
+                outputs.update({k: v for k, v in evaluation.items() if k != "table"})
+            with chain.step("serve with Ray Serve and send one HTTP request") as outputs:
+                outputs.update(serve_and_request(str(stage2), str(dataset), str(out), args.seed, args.steps, args.port,
                                            args.keep_serving))
-                colorized = dict(o)
+                colorized = dict(outputs)
         finally:
             ray.shutdown()
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking)
-    experiment = client.get_experiment_by_name("colorize-xl")
-    training_runs = {r.data.tags.get("colorize.stage"): r.info.run_id for r in client.search_runs(
-        [experiment.experiment_id], filter_string="tags.`colorize.run_name` = 'demo'")}
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    training_runs = {r.data.tags.get(STAGE_TAG): r.info.run_id for r in client.search_runs(
+        [experiment.experiment_id], filter_string=training_run_filter(RUN_NAME))}
     seconds = round(time.perf_counter() - started, 1)
-    summary = {"out": str(out), "dataset": train_data, "validation": val_data, "models": {
+    heldout = {stage: {"before": o["heldout_loss_before"], "after": o["heldout_loss_after"]} for stage, o in learned.items()}
+    summary = {"out": str(out), "dataset": train_data, "validation": val_data, "heldout_loss": heldout, "models": {
         "base": str(out / "base"), "stage1": str(stage1), "stage2": str(stage2)},
         "mlflow": {"uri": tracking, "training_runs": training_runs, "evaluation_run": evaluation["run"],
                    "trace": chain.trace_id},
@@ -271,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{train_data['inputs']} inputs (errors with reasons in {dataset / 'errors'}); validation: {val_dataset} "
           f"({val_data['rows']} rows)")
     print(f"[demo] models: {stage1} (stage 1), {stage2} (stage 2)")
+    print("[demo] held-out diffusion loss on the validation set (lower = learned; same samples and noise before "
+          "and after):\n" + "\n".join(f"       {stage}: {v['before']:.4f} before → {v['after']:.4f} after "
+                                      f"({(v['after'] - v['before']) / v['before']:+.1%})" for stage, v in heldout.items()))
     print(f"[demo] MLflow runs: {', '.join(f'{k} {v}' for k, v in training_runs.items())}; evaluation "
           f"{evaluation['run']}\n[demo] look at them: mlflow ui --backend-store-uri {tracking}")
     print(f"[demo] metrics ({evaluation['files']}):\n\n{evaluation['table']}")
@@ -280,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
           f"[demo] serve it again (CPU): serve run serve.app:build_app model={stage2} num_gpus=0 dtype=float32\n"
           f"       then open http://127.0.0.1:8000/ (the artists' page); on GPUs: serve run serve/config.yaml\n"
           f"[demo] on a cluster, the same jobs: see cluster/README.md, e.g. ray job submit --working-dir . -- "
-          f"python jobs/preprocess.py --input s3://bucket/corpus --output s3://bucket/datasets/v1 "
-          f"--encoders /mnt/shared/models/base --preset sdxl")
+          f"python jobs/preprocess.py --input s3://bucket/corpus --out s3://bucket/datasets/v1 "
+          f"--encoders /mnt/shared/models/base")
     return 0
 
 

@@ -7,46 +7,39 @@
     python jobs/init_model.py --preset tiny --out outputs/base --seed 0    # random init (tests, demo)
 
 The folder is the starting point of training and holds the frozen encoders that preprocessing uses, so
-both read the same weights. An existing folder is left as it is.
+both read the same weights. An existing folder is left as it is. The work is :func:`model.assembly.init_model`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
-import torch  # noqa: E402
-
-from model.colorizer import Colorizer, PretrainedPaths  # noqa: E402
-from model.config import PRESETS, get_preset  # noqa: E402
-
-
-def init_model(out: Path, preset: str, seed: int = 0, paths: PretrainedPaths | None = None) -> Path:
-    if (out / "config.json").is_file():
-        return out
-    torch.manual_seed(seed)
-    return Colorizer.from_config(get_preset(preset), paths).save_pretrained(out)
+from jobs import flags  # noqa: E402
+from model.assembly import init_model  # noqa: E402
+from model.colorizer import PretrainedPaths  # noqa: E402
+from model.config import PRESETS  # noqa: E402
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--seed", type=int, default=0, help="initialization seed of the parts not loaded")
+def build_parser():
+    p = flags.parser_for(__doc__)
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--seed", type=int, default=0, help="initialization seed of the parts not loaded")
     for name in ("unet", "vae", "tagger-weights", "tagger-tags", "clip"):
-        parser.add_argument(f"--{name}", default=None)
-    return parser
+        p.add_argument(f"--{name}", default=None, help=f"local file or folder of the published {name.replace('-', ' ')}")
+    return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     paths = PretrainedPaths(unet=args.unet, vae=args.vae, tagger_weights=args.tagger_weights,
                             tagger_tags=args.tagger_tags, clip=args.clip)
-    folder = init_model(Path(args.out), args.preset, args.seed, paths)
+    with flags.job_errors("init_model"):
+        folder = init_model(Path(args.out), args.preset, args.seed, paths)
     print(json.dumps({"model": str(folder), "preset": args.preset}))
     return 0
 

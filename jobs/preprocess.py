@@ -1,48 +1,41 @@
 """Preprocess an illustration corpus into the training dataset (Ray Data).
 
     ray job submit --working-dir . -- python jobs/preprocess.py \\
-        --input s3://bucket/illustrations --output s3://bucket/datasets/v1 --preset sdxl --encoders models/base
-    python jobs/preprocess.py --input outputs/corpus --output outputs/dataset --encoders outputs/base   # local Ray
+        --input s3://bucket/illustrations --out s3://bucket/datasets/v1 --encoders models/base
+    python jobs/preprocess.py --input outputs/corpus --out outputs/dataset --encoders outputs/base   # local Ray
 
 Inputs: a folder tree of images, or Parquet files with image bytes (``--image-column``) and an id/path
 column. Output layout and schema: pipelines/data/layout.py and docs in README. Reruns skip finished shards;
-a killed run resumes where it stopped.
+a killed run resumes where it stopped. The work is pipelines/data/.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
 import ray  # noqa: E402
 
-from model.config import PRESETS  # noqa: E402
-from pipelines.data.shards import LATENT_VIEWS, PreprocessConfig  # noqa: E402
-from pipelines.data.ray_stream import ClusterOptions, run_preprocess  # noqa: E402
+from jobs import flags  # noqa: E402
+from model.colorizer import read_config  # noqa: E402
+from model.config import PRESETS, preset_name  # noqa: E402
 from model.line_art import DEFAULT_EXTRACTORS  # noqa: E402
+from pipelines.data.ray_stream import ClusterOptions, run_preprocess  # noqa: E402
+from pipelines.data.shards import LATENT_VIEWS, PreprocessConfig  # noqa: E402
+from pipelines.training.trainer import absolute  # noqa: E402
 
 
-def parse_pairs(values: list[str]) -> dict[str, str]:
-    pairs = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"expected NAME=PATH, got {value!r}")
-        pairs[name] = path
-    return pairs
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = flags.parser_for(__doc__)
     p.add_argument("--input", required=True, help="folder, Parquet file or folder of Parquet files (any fsspec URI)")
-    p.add_argument("--output", required=True, help="dataset folder (any fsspec URI)")
-    p.add_argument("--encoders", required=True, help="colorize-xl model folder with the frozen encoders")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--out", required=True, help="dataset folder (any fsspec URI)")
+    p.add_argument("--encoders", required=True, help="colorize-xl model folder with the frozen encoders (its preset "
+                                                     "decides the buckets)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="aspect buckets and encoder shapes (default: the --encoders folder's preset)")
     p.add_argument("--input-kind", choices=("auto", "folder", "parquet"), default="auto")
     p.add_argument("--image-column", default="image")
     p.add_argument("--id-column", default=None)
@@ -60,27 +53,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-actors", type=int, default=1, help="GPU actor pool size (typically the GPU count)")
     p.add_argument("--gpus-per-encoder", type=float, default=None)
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (partial run)")
-    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"))
+    flags.add_ray(p)
     return p
+
+
+def config_from(args) -> PreprocessConfig:
+    encoders = absolute(args.encoders)
+    preset = args.preset or preset_name(read_config(encoders))
+    if preset not in PRESETS:
+        raise ValueError(f"{encoders} holds a custom config; name the preset whose buckets to use with --preset")
+    return PreprocessConfig(
+        preset=preset, shard_size=args.shard_size,
+        sketch_extractors=tuple(s for s in args.sketch_extractors.split(",") if s),
+        extractor_weights=flags.parse_pairs(args.extractor_weights), segmenter=args.segmenter,
+        segmenter_weights=args.segmenter_weights, encoders=encoders,
+        latent_views=tuple(v for v in args.latent_views.split(",") if v), storage_dtype=args.storage_dtype,
+        encode_batch_size=args.encode_batch_size, max_pixels=args.max_pixels, image_column=args.image_column,
+    )
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = PreprocessConfig(
-        preset=args.preset, shard_size=args.shard_size,
-        sketch_extractors=tuple(s for s in args.sketch_extractors.split(",") if s),
-        extractor_weights=parse_pairs(args.extractor_weights), segmenter=args.segmenter,
-        segmenter_weights=args.segmenter_weights, encoders=str(Path(args.encoders).resolve()) if "://" not in args.encoders else args.encoders,
-        latent_views=tuple(v for v in args.latent_views.split(",") if v), storage_dtype=args.storage_dtype,
-        encode_batch_size=args.encode_batch_size, max_pixels=args.max_pixels, image_column=args.image_column,
-    )
-    options = ClusterOptions(encoder_actors=args.encoder_actors, gpus_per_encoder=args.gpus_per_encoder)
-    ray.init(address=args.ray_address, log_to_driver=True)
-    try:
-        manifest = run_preprocess(args.input, args.output, cfg, options, kind=args.input_kind,
-                                  id_column=args.id_column, max_shards=args.max_shards)
-    finally:
-        ray.shutdown()
+    with flags.job_errors("preprocess"):
+        cfg = config_from(args)
+        options = ClusterOptions(encoder_actors=args.encoder_actors, gpus_per_encoder=args.gpus_per_encoder)
+        ray.init(address=args.ray_address, log_to_driver=True)
+        try:
+            manifest = run_preprocess(args.input, args.out, cfg, options, kind=args.input_kind,
+                                      id_column=args.id_column, max_shards=args.max_shards)
+        finally:
+            ray.shutdown()
     print(json.dumps({k: manifest[k] for k in ("inputs", "rows", "errors", "shards", "shards_done", "complete")}))
     return 0
 

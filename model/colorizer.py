@@ -41,6 +41,25 @@ FORMAT_VERSION = 1
 TRAINABLE = ("unet", "sketch_encoder", "projector")
 FROZEN = ("tagger", "clip", "vae")
 OPTIONAL_PARTS = ("unet", "vae", "tagger", "clip")  # may be left out of a load (see from_pretrained)
+MANIFEST_FILE = "config.json"  # the folder's format, version and ColorizerConfig; written last by save_pretrained
+
+
+def is_model_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a finished model (its manifest is written last, so a half-saved folder is not one)."""
+    return (Path(folder) / MANIFEST_FILE).is_file()
+
+
+def read_config(folder: str | Path) -> ColorizerConfig:
+    """The folder's :class:`ColorizerConfig`, after checking its format and version (no weights are read)."""
+    manifest_path = Path(folder) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a colorize-xl model folder: {manifest_path} is missing")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{manifest_path} is format version {manifest['version']}; this code reads up to {FORMAT_VERSION}")
+    return ColorizerConfig.from_dict(manifest["config"])
 
 
 @dataclass(frozen=True)
@@ -158,7 +177,7 @@ class Colorizer(nn.Module):
             writer.writerow(["tag_id", "name", "category", "count"])
             writer.writerows([i, tag, 0, 0] for i, tag in enumerate(self.tagger.tags))
         manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config}
-        (folder / "config.json").write_text(json.dumps(manifest, indent=2))
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
         return folder
 
     @classmethod
@@ -168,15 +187,7 @@ class Colorizer(nn.Module):
         stay meta placeholders); the sketch encoder, projector and plugin are always loaded."""
         folder = Path(folder)
         placeholders = tuple(p for p in OPTIONAL_PARTS if components is not None and p not in components)
-        manifest_path = folder / "config.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{folder} is not a colorize-xl model folder: {manifest_path} is missing")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != FORMAT_NAME:
-            raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-        if manifest.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{manifest_path} is format version {manifest['version']}; this code reads up to {FORMAT_VERSION}")
-        config = ColorizerConfig.from_dict(manifest["config"])
+        config = read_config(folder)
         wanted = {part: part not in placeholders for part in OPTIONAL_PARTS}
         model = cls.from_config(config, PretrainedPaths(
             unet=folder / "unet" if wanted["unet"] else None,

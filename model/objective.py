@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from model.config import DiffusionConfig
+
+STAGES = ("backbone", "plugin")  # stage 1 (this module's objective) and stage 2 (:mod:`model.plugin`)
 from model.gram import gram_loss
 
 

@@ -98,15 +98,10 @@ class AppOptions(BaseModel):
 
 
 def read_model_info(folder: str | Path) -> ModelInfo:
-    """The API's view of a model folder, from its ``config.json`` alone (no weights loaded)."""
-    from model.config import ColorizerConfig
+    """The API's view of a model folder, from its manifest alone (format and version checked, no weights loaded)."""
+    from model.colorizer import read_config
 
-    folder = Path(folder)
-    manifest_path = folder / "config.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{folder} is not a colorize-xl model folder: {manifest_path} is missing")
-    config = ColorizerConfig.from_dict(json.loads(manifest_path.read_text())["config"])
-    return ModelInfo.from_config(config, plugin=(folder / "plugin").is_dir())
+    return ModelInfo.from_config(read_config(folder), plugin=(Path(folder) / "plugin").is_dir())
 
 
 # ------------------------------------------------------------------------------------------------ model

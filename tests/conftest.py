@@ -49,17 +49,13 @@ def drawing_pair():
 def tiny_dataset(tmp_path_factory):
     """A finished tiny training dataset (24 synthetic images, both latent views), preprocessed in-process
     without Ray: ``root/base`` (model folder), ``root/dataset``. Tests write their own runs under ``root``."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jobs.init_model import init_model
-    from jobs.make_corpus import make_corpus
+    from model.assembly import init_model
+    from pipelines.data.synthetic import write_corpus
     from pipelines.data.layout import completed_shards, load_or_create_plan, write_manifest
     from pipelines.data.shards import PreprocessConfig, ShardEncoder, process_shard
 
     root = tmp_path_factory.mktemp("tiny-dataset")
-    make_corpus(root / "corpus", count=24)
+    write_corpus(root / "corpus", count=24)
     base = init_model(root / "base", "tiny", seed=0)
     cfg = PreprocessConfig(preset="tiny", shard_size=12, encoders=str(base), latent_views=("target", "reference"))
     output = str(root / "dataset")

@@ -14,25 +14,27 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def test_ladder_settings_are_checked_before_any_work(tmp_path):
-    from pipelines.experiments.ablation import AblationSettings
+    from pipelines.experiments.ablation import AblationSettings, rung
 
     settings = AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), rungs=("gram-plugin",))
     with pytest.raises(ValueError, match="starts from gram"):
         settings.rung_names()
     with pytest.raises(ValueError, match="unknown rungs"):
         AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), rungs=("big",)).rung_names()
-    flags = AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path)).train_args(
-        __import__("pipelines.experiments.ablation", fromlist=["rung"]).rung("no-gram"))
-    assert flags[flags.index("--gram-weight") + 1] == "0.0"
+    settings = AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), train_steps=7,
+                                plugin_train_steps=3)
+    no_gram = settings.rung_config(rung("no-gram"), batch_size=2)
+    assert (no_gram.gram_weight, no_gram.steps, no_gram.model, no_gram.batch_size) == (0.0, 7, "m", 2)
+    plugin = settings.rung_config(rung("gram-plugin"))
+    assert (plugin.stage, plugin.steps, plugin.model, plugin.run_name) == (
+        "plugin", 3, str(tmp_path / "gram"), "ablation-gram-plugin")
 
 
 def test_relative_sqlite_stores_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
-    from jobs.train import tracking_uri
+    from pipelines.training.tracking import tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert tracking_uri(None) == f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -48,8 +50,8 @@ def ablation(tiny_dataset):
     uri = f"sqlite:///{root / 'ablation.db'}"
     command = [sys.executable, str(ROOT / "jobs" / "ablate.py"), "--model", str(root / "base"),
                "--data", str(root / "dataset"), "--out", str(out), "--name", "abl", "--experiment", "abl",
-               "--steps", "3", "--plugin-steps", "1", "--workers", "2", "--cpus-per-worker", "0.5",
-               "--batch-size", "2", "--samples", "2", "--eval-steps", "2", "--entanglement-pairs", "2",
+               "--train-steps", "3", "--plugin-train-steps", "1", "--workers", "2", "--cpus-per-worker", "0.5",
+               "--batch-size", "2", "--samples", "2", "--steps", "2", "--entanglement-pairs", "2",
                "--fid-extractor", "substitute:clip", "--clip-extractor", "substitute:model", "--local-eval",
                "--mlflow-uri", uri]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
@@ -58,6 +60,7 @@ def ablation(tiny_dataset):
     return out, uri, done.stdout
 
 
+@pytest.mark.slow
 def test_three_sibling_runs_trained_evaluated_and_measured(ablation):
     import mlflow
 
@@ -96,6 +99,7 @@ def test_three_sibling_runs_trained_evaluated_and_measured(ablation):
         assert "entanglement/gram_distance" in metrics and "entanglement/line_agreement" in metrics
 
 
+@pytest.mark.slow
 def test_compare_lines_the_rungs_up(ablation, tmp_path, capsys):
     from jobs.compare import main as compare
 
@@ -107,6 +111,7 @@ def test_compare_lines_the_rungs_up(ablation, tmp_path, capsys):
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
     """Stage 2 keeps every stage-1 weight bit-identical and adds a plugin whose adapters have moved off
     their zero init; the plugin changes the picture and can be switched off."""

@@ -396,7 +396,7 @@ def test_every_command_line_parses_with_the_jobs_parser():
 
 def test_command_check_rejects_a_wrong_flag():
     with pytest.raises(AssertionError, match="rejects"):
-        parse_job("jobs/train.py", ["--stage", "backbone", "--model", "m", "--data", "d", "--export", "e",
+        parse_job("jobs/train.py", ["--stage", "backbone", "--model", "m", "--data", "d", "--out", "e",
                                     "--num-gpus", "8"])
 
 

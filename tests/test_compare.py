@@ -17,7 +17,6 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from jobs.compare import main  # noqa: E402
 from pipelines.experiments.compare import (  # noqa: E402

@@ -75,5 +75,4 @@ def test_a_second_run_reuses_what_exists(demo):
     assert notes["train stage 2"] == "already trained, skipped"
     assert notes["evaluate on the validation set"] == "already measured, reused"
     assert second["models"] == first["models"] and second["metrics"] == first["metrics"]
-    assert second["seconds"] < first["seconds"] / 2, (first["seconds"], second["seconds"])
     assert Path(second["colorized"]["image"]).is_file()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,10 +16,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
 from pipelines.evaluation.deform import deform_reference, draw_deformation  # noqa: E402
-from pipelines.evaluation.protocol import EvaluationConfig, evaluate, plan_evaluation, read_rows  # noqa: E402
+from pipelines.data.layout import read_rows  # noqa: E402
+from pipelines.evaluation.protocol import EvaluationConfig, evaluate, plan_evaluation  # noqa: E402
 from pipelines.evaluation.metrics import (PSNR_CAP_DB, PixelMetrics, build_extractor, choose_clip_extractor,  # noqa: E402
                                choose_fid_extractor, frechet_distance, ms_ssim_settings)
 
@@ -30,15 +28,14 @@ from pipelines.evaluation.metrics import (PSNR_CAP_DB, PixelMetrics, build_extra
 def workspace(tmp_path_factory):
     """A tiny base model, a 6-row dataset (2 shards), and a "trained" copy of the model whose training
     run exists in an sqlite MLflow store (as jobs/train.py leaves it)."""
-    from make_corpus import make_corpus
-
-    from jobs.init_model import init_model
+    from model.assembly import init_model
+    from pipelines.data.synthetic import write_corpus
     from pipelines.data.shards import PreprocessConfig, ShardEncoder, process_shard
     from pipelines.data.corpus import list_inputs, plan_shards
     from pipelines.training.loop import TrainConfig, Tracker
 
     root = tmp_path_factory.mktemp("evaluate")
-    make_corpus(root / "corpus", count=6, with_bad_files=False)
+    write_corpus(root / "corpus", count=6, with_bad_files=False)
     base = init_model(root / "base", "tiny", seed=0)
     cfg = PreprocessConfig(preset="tiny", shard_size=3, encoders=str(base))
     encoder = ShardEncoder(cfg)
@@ -142,8 +139,8 @@ def test_missing_extractors_stop_with_a_clear_message_unless_a_substitute_is_ask
         EvaluationConfig(fid_extractor="substitute:clip").choices()
     from jobs.evaluate import main
 
-    assert main(["--model", str(workspace["base"]), "--data", str(workspace["dataset"]), "--local"]) == 2
-    assert "FID needs the FID Inception-v3 weights" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^evaluate: .*FID needs the FID Inception-v3 weights"):
+        main(["--model", str(workspace["base"]), "--data", str(workspace["dataset"]), "--local"])
 
 
 # ------------------------------------------------------------------------------------ protocol parts
@@ -219,11 +216,12 @@ def test_ray_data_actors_give_the_single_process_numbers(workspace, cli_run):
     """The same plan through Ray Data actors (2 CPUs, in-process Ray), with substitute extractors named."""
     import ray
 
-    from jobs.evaluate import build_parser, config_from_args, ray_runner
+    from jobs.evaluate import build_parser, config_from
+    from pipelines.evaluation.ray_runner import ray_runner
 
     out, argv = cli_run
     local = json.loads((out / "metrics.json").read_text())
-    config = config_from_args(build_parser().parse_args(argv))
+    config = config_from(build_parser().parse_args(argv))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         report = evaluate(str(workspace["trained"]), str(workspace["dataset"]), config,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,11 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "jobs"))
-
-from make_corpus import make_corpus  # noqa: E402
-
 from model.config import tiny  # noqa: E402
+from pipelines.data.synthetic import write_corpus  # noqa: E402
 from pipelines.data.layout import completed_shards, read_all  # noqa: E402
-from pipelines.data.shards import DATA_COLUMNS, PreprocessConfig, ShardEncoder, process_shard  # noqa: E402
+from pipelines.data.layout import DATA_COLUMNS  # noqa: E402
+from pipelines.data.shards import PreprocessConfig, ShardEncoder, process_shard  # noqa: E402
 from pipelines.data.corpus import list_inputs, plan_shards, read_shard_bytes  # noqa: E402
 from pipelines.data.tensor_cells import bytes_to_tensor, tensor_to_bytes  # noqa: E402
 
@@ -29,8 +26,8 @@ from pipelines.data.tensor_cells import bytes_to_tensor, tensor_to_bytes  # noqa
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("preprocess")
-    corpus = make_corpus(root / "corpus", count=10, with_bad_files=True)
-    from jobs.init_model import init_model
+    corpus = write_corpus(root / "corpus", count=10, with_bad_files=True)
+    from model.assembly import init_model
 
     encoders = init_model(root / "base", "tiny", seed=0)
     return {"root": root, "corpus": Path(corpus["corpus"]), "encoders": encoders, "bad": corpus["bad_files"]}

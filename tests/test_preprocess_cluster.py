@@ -58,7 +58,7 @@ def inputs(tmp_path_factory):
 
 
 def job_args(inputs: Path, output: Path) -> list[str]:
-    return ["--", "python", "jobs/preprocess.py", "--input", str(inputs / "corpus"), "--output", str(output),
+    return ["--", "python", "jobs/preprocess.py", "--input", str(inputs / "corpus"), "--out", str(output),
             "--encoders", str(inputs / "base"), "--shard-size", "1"]
 
 

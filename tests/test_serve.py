@@ -49,7 +49,7 @@ def model_folder(tmp_path_factory):
     """A tiny model whose sketch encoder is not at its zero init, so the sketch visibly steers the output
     (as after training); a fresh model ignores its sketch entirely."""
     from conftest import _wake_up
-    from jobs.init_model import init_model
+    from model.assembly import init_model
     from model.colorizer import Colorizer
 
     folder = init_model(tmp_path_factory.mktemp("serve") / "init", "tiny")

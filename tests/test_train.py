@@ -57,8 +57,8 @@ def mlflow_runs(root: Path):
 
 def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     export = data / "stage1"
-    output, killed = train(data, "--stage", "backbone", "--steps", "9", "--checkpoint-every", "3",
-                           "--export", str(export), kill_worker_after_checkpoint=True)
+    output, killed = train(data, "--stage", "backbone", "--train-steps", "9", "--checkpoint-every", "3",
+                           "--out", str(export), kill_worker_after_checkpoint=True)
     assert killed is not None
     assert "[train] resumed from step" in output  # the restarted worker group continued from a checkpoint
 
@@ -89,8 +89,8 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
                                                        ColorizeOptions(size=(96, 96), steps=2))
     assert image.size == (96, 96)
 
-    output, _ = train(data, "--stage", "backbone", "--steps", "12", "--checkpoint-every", "3",
-                      "--export", str(export))
+    output, _ = train(data, "--stage", "backbone", "--train-steps", "12", "--checkpoint-every", "3",
+                      "--out", str(export))
     assert "[train] resumed from step 9 of 12" in output
     client, runs = mlflow_runs(data)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id

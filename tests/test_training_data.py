@@ -35,7 +35,7 @@ def test_every_epoch_gives_exactly_the_promised_single_bucket_batches():
     assert steps == (16 - 3 * 2) // 3 == 3
     batcher, rng = BucketBatcher(3), random.Random(0)
     for epoch in range(3):
-        batches = list(epoch_batches(iter(rows), batcher, steps, rng=rng))
+        batches = list(epoch_batches(iter(rows), batcher, steps, rng=rng, aesthetic_score=7.0))
         assert len(batches) == steps
         for batch in batches:
             assert batch.latents.shape[0] == 3 and batch.sketch.shape[0] == 3

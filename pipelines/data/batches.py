@@ -1,7 +1,7 @@
 """From preprocessed rows to training batches.
 
 The trainer streams the preprocess dataset (Ray Data ``read_parquet`` → ``get_dataset_shard``) and turns
-rows into :class:`model.objective.TrainingBatch` es here. Two rules:
+rows into :class:`model.objective.TrainingBatch` es here. Three rules:
 
 * every batch comes from one aspect bucket, so latents and sketches stack without padding: rows are
   buffered per bucket and a batch leaves as soon as its bucket has ``batch_size`` rows;
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.objective import TrainingBatch
+from model.objective import STAGES, TrainingBatch
+from model.vector_condition import vector_condition
 from pipelines.data.tensor_cells import bytes_to_tensor
 
 STAGE1_COLUMNS = ["width", "height", "source_width", "source_height", "sketches", "latents", "latents_shape",
@@ -30,8 +31,8 @@ STAGE2_COLUMNS = STAGE1_COLUMNS + ["reference_latents", "sketch_mask", "referenc
 
 
 def columns_for(stage: str) -> list[str]:
-    if stage not in ("backbone", "plugin"):
-        raise ValueError(f"stage must be 'backbone' or 'plugin', got {stage!r}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     return STAGE1_COLUMNS if stage == "backbone" else STAGE2_COLUMNS
 
 
@@ -49,8 +50,7 @@ def decode_sample(row: dict, rng: random.Random, aesthetic_score: float, stage: 
         "sketch": torch.from_numpy(sketch.astype(np.float32))[None] / 127.5 - 1,  # stored inverted already
         "tagger_tokens": bytes_to_tensor(row["tagger_tokens"], row["tagger_tokens_shape"], dtype),
         "clip_tokens": bytes_to_tensor(row["clip_tokens"], row["clip_tokens_shape"], dtype),
-        "vector_condition": torch.tensor([float(row["source_width"] * row["source_height"]) ** 0.5,
-                                          aesthetic_score]),
+        "vector_condition": vector_condition(row["source_height"], row["source_width"], aesthetic_score)[0],
     }
     if stage == "plugin":
         if row.get("reference_latents") is None:
@@ -102,7 +102,7 @@ def steps_per_epoch(rows_per_worker: int, buckets: int, batch_size: int) -> int:
 
 
 def epoch_batches(rows: Iterable[dict], batcher: BucketBatcher, steps: int, *, rng: random.Random,
-                  aesthetic_score: float = 7.0, stage: str = "backbone") -> Iterator[TrainingBatch]:
+                  aesthetic_score: float, stage: str = "backbone") -> Iterator[TrainingBatch]:
     """Exactly ``steps`` single-bucket batches from one epoch of rows (plus what earlier epochs left);
     the epoch is read to its end either way, as Ray Data's split iterators require."""
     produced = 0

@@ -1,14 +1,17 @@
-"""The preprocessed dataset on disk: layout, plan, shard markers, manifest.
+"""The preprocessed dataset on disk: the one place that spells out its layout, names and columns.
 
     <output>/
+      config.json                  the PreprocessConfig the shards were made with (a rerun must match it)
       plan.parquet                 shard, ordinal, source, path, row — fixed at the first run
-      data/shard-00000.parquet     one row per usable input (schema: pipelines.preprocess.DATA_COLUMNS)
-      errors/shard-00000.parquet   one row per rejected input: source, id, stage, reason
+      data/shard-00000.parquet     one row per usable input (columns: DATA_COLUMNS)
+      errors/shard-00000.parquet   one row per rejected input (columns: ERROR_COLUMNS)
       markers/shard-00000.json     written last: the shard is done (inputs, rows, errors, bytes per column)
-      manifest.json                config, encoders, counts, bucket histogram, bytes per image per column
+      manifest.json                config, counts, bucket histogram, bytes per image per column
 
 A shard counts as done when its marker exists; everything else is redone on the next run, so a job
 killed at any moment resumes without duplicates, and a rerun of a finished dataset writes nothing.
+Writers (:mod:`pipelines.data.shards`), readers (training, evaluation, the demo) and tests take every path,
+name and column from here, so a change to the format is a change to this file.
 """
 
 from __future__ import annotations
@@ -17,13 +20,34 @@ import io
 import json
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.data.shards import SCHEMA_VERSION, PreprocessConfig, shard_name
 from pipelines.data.corpus import InputItem, Listing, list_inputs, plan_shards, plan_table, shards_from_plan
+
+if TYPE_CHECKING:
+    from pipelines.data.shards import PreprocessConfig
+
+SCHEMA_VERSION = 1
+DATA_COLUMNS = ("id", "source", "shard", "ordinal", "width", "height", "source_width", "source_height", "image",
+                "sketches", "sketch_extractors", "sketch_mask", "reference_mask", "tagger_tokens",
+                "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "latents", "latents_shape",
+                "reference_latents", "tags", "tensor_dtype")
+ERROR_COLUMNS = ("source", "id", "shard", "ordinal", "error_stage", "error")
+DATA, ERRORS, MARKERS = "data", "errors", "markers"  # the three per-shard folders
+PLAN_FILE, CONFIG_FILE, MANIFEST_FILE = "plan.parquet", "config.json", "manifest.json"
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+def shard_file(root: str, folder: str, shard: int) -> str:
+    """``<root>/<folder>/shard-NNNNN.parquet`` (``.json`` under ``markers/``)."""
+    return f"{root}/{folder}/{shard_name(shard)}.{'json' if folder == MARKERS else 'parquet'}"
 
 
 @dataclass
@@ -42,7 +66,7 @@ def load_or_create_plan(input_uri: str, output: str, cfg: PreprocessConfig, kind
                         id_column: str | None = None) -> DatasetPlan:
     fs, root = _fs(output)
     listing: Listing = list_inputs(input_uri, image_column=cfg.image_column, id_column=id_column, kind=kind)
-    plan_path = f"{root}/plan.parquet"
+    plan_path = f"{root}/{PLAN_FILE}"
     if fs.exists(plan_path):
         with fs.open(plan_path, "rb") as f:
             shards = shards_from_plan(pq.read_table(f))
@@ -61,7 +85,7 @@ def load_or_create_plan(input_uri: str, output: str, cfg: PreprocessConfig, kind
 def check_config(output: str, cfg: PreprocessConfig) -> None:
     """A rerun must use the settings the existing shards were made with; mixing would corrupt the set."""
     fs, root = _fs(output)
-    path = f"{root}/config.json"
+    path = f"{root}/{CONFIG_FILE}"
     if fs.exists(path):
         with fs.open(path, "rb") as f:
             existing = json.loads(f.read())
@@ -77,7 +101,7 @@ def check_config(output: str, cfg: PreprocessConfig) -> None:
 
 def read_marker(output: str, shard: int) -> dict | None:
     fs, root = _fs(output)
-    path = f"{root}/markers/{shard_name(shard)}.json"
+    path = shard_file(root, MARKERS, shard)
     if not fs.exists(path):
         return None
     with fs.open(path, "rb") as f:
@@ -86,10 +110,10 @@ def read_marker(output: str, shard: int) -> dict | None:
 
 def completed_shards(output: str) -> dict[int, dict]:
     fs, root = _fs(output)
-    if not fs.exists(f"{root}/markers"):
+    if not fs.exists(f"{root}/{MARKERS}"):
         return {}
     done = {}
-    for path in fs.glob(f"{root}/markers/shard-*.json"):
+    for path in fs.glob(f"{root}/{MARKERS}/shard-*.json"):
         with fs.open(path, "rb") as f:
             marker = json.loads(f.read())
         done[int(marker["shard"])] = marker
@@ -115,7 +139,7 @@ def write_manifest(output: str, cfg: PreprocessConfig, plan: DatasetPlan, marker
         "bytes_per_image": {c: round(b / rows) for c, b in sorted(column_bytes.items())} if rows else {},
         "buckets": dict(sorted(sum((Counter(m["buckets"]) for m in markers.values()), Counter()).items())),
     }
-    path = f"{root}/manifest.json"
+    path = f"{root}/{MANIFEST_FILE}"
     encoded = json.dumps(manifest, indent=2, sort_keys=True).encode()
     if fs.exists(path):
         with fs.open(path, "rb") as f:
@@ -128,7 +152,7 @@ def write_manifest(output: str, cfg: PreprocessConfig, plan: DatasetPlan, marker
 
 def read_shard(output: str, shard: int, columns: list[str] | None = None, errors: bool = False) -> pa.Table:
     fs, root = _fs(output)
-    with fs.open(f"{root}/{'errors' if errors else 'data'}/{shard_name(shard)}.parquet", "rb") as f:
+    with fs.open(shard_file(root, ERRORS if errors else DATA, shard), "rb") as f:
         return pq.read_table(f, columns=columns)
 
 
@@ -136,3 +160,51 @@ def read_all(output: str, columns: list[str] | None = None, errors: bool = False
     """Every finished shard concatenated in shard order (small datasets, tests, evaluation sets)."""
     tables = [read_shard(output, s, columns, errors) for s in sorted(completed_shards(output))]
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def _shard_files(dataset: str) -> tuple[object, list[str]]:
+    fs, root = _fs(dataset)
+    shards = sorted(completed_shards(dataset))
+    if not shards:
+        raise FileNotFoundError(f"{dataset} has no finished shards ({MARKERS}/): is it a jobs/preprocess.py output?")
+    return fs, [shard_file(root, DATA, s) for s in shards]
+
+
+def shard_paths(dataset: str) -> list[str]:
+    """The finished shards' Parquet files, with the dataset's protocol (for Ray Data's ``read_parquet``)."""
+    fs, files = _shard_files(dataset)
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return files if protocol in ("file", "local") else [f"{protocol}://{f}" for f in files]
+
+
+def read_rows(dataset: str, ids: list[str] | None, columns: list[str]) -> pa.Table:
+    """Rows of the finished shards (only those whose ``id`` is in ``ids``, when given), streamed so a
+    large dataset never sits in memory whole."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
+
+    fs, files = _shard_files(dataset)
+    data = pds.dataset(files, format="parquet", filesystem=fs)
+    row_filter = None if ids is None else pc.field("id").isin(pa.array(sorted(set(ids)), pa.string()))
+    return data.to_table(columns=columns, filter=row_filter)
+
+
+def read_manifest(dataset: str) -> dict | None:
+    """The dataset's ``manifest.json``, or None when there is none yet."""
+    fs, root = _fs(dataset)
+    path = f"{root}/{MANIFEST_FILE}"
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def finished_manifest(dataset: str) -> dict:
+    """The manifest of a dataset every shard of which is done; anything else is a clear error."""
+    manifest = read_manifest(dataset)
+    if manifest is None:
+        raise FileNotFoundError(f"{dataset} has no {MANIFEST_FILE}: is it a jobs/preprocess.py output?")
+    if not manifest.get("complete"):
+        raise ValueError(f"{dataset} is not a finished dataset ({manifest.get('shards_done')}/{manifest.get('shards')} "
+                         "shards): finish jobs/preprocess.py first")
+    return manifest

@@ -36,9 +36,9 @@ from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_i
 from model.masks import reference_foreground, sketch_foreground
 from model.line_art import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
 from pipelines.data.corpus import InputItem, read_shard_bytes
+from pipelines.data.layout import DATA, DATA_COLUMNS, ERROR_COLUMNS, ERRORS, MARKERS, shard_file
 from pipelines.data.tensor_cells import tensor_to_bytes
 
-SCHEMA_VERSION = 1
 LATENT_VIEWS = ("target", "reference")
 
 
@@ -292,17 +292,6 @@ def encoded_schema() -> pa.Schema:
 
 
 # -------------------------------------------------------------------------------------- stage 3: write
-DATA_COLUMNS = ("id", "source", "shard", "ordinal", "width", "height", "source_width", "source_height", "image",
-                "sketches", "sketch_extractors", "sketch_mask", "reference_mask", "tagger_tokens",
-                "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "latents", "latents_shape",
-                "reference_latents", "tags", "tensor_dtype")
-ERROR_COLUMNS = ("source", "id", "shard", "ordinal", "error_stage", "error")
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
-
-
 def write_shard(output: str, shard: int, encoded: pa.Table, expected_inputs: int) -> dict:
     """Write ``data/``, ``errors/`` and finally ``markers/`` for one shard; returns the marker."""
     started = time.perf_counter()
@@ -312,15 +301,14 @@ def write_shard(output: str, shard: int, encoded: pa.Table, expected_inputs: int
     if data.num_rows + errors.num_rows != expected_inputs:
         raise RuntimeError(f"shard {shard}: {data.num_rows} rows + {errors.num_rows} errors != {expected_inputs} inputs")
     fs, root = fsspec.core.url_to_fs(output)
-    name = shard_name(shard)
-    _write_table(fs, f"{root}/data/{name}.parquet", data)
-    _write_table(fs, f"{root}/errors/{name}.parquet", errors)
+    _write_table(fs, shard_file(root, DATA, shard), data)
+    _write_table(fs, shard_file(root, ERRORS, shard), errors)
     marker = {"shard": shard, "inputs": expected_inputs, "rows": data.num_rows, "errors": errors.num_rows,
               "bytes": {c: int(data.column(c).nbytes) for c in data.column_names},
               "buckets": dict(Counter(f"{w}x{h}" for w, h in zip(data.column("width").to_pylist(),
                                                                  data.column("height").to_pylist()))),
               "write_seconds": round(time.perf_counter() - started, 3)}
-    _write_bytes(fs, f"{root}/markers/{name}.json", json.dumps(marker, indent=1).encode())
+    _write_bytes(fs, shard_file(root, MARKERS, shard), json.dumps(marker, indent=1).encode())
     return marker
 
 

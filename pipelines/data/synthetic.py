@@ -1,13 +1,17 @@
 """Synthetic illustrations for demos and tests: flat-colored shapes with dark outlines over a gradient
-background, plus the matching line drawing. Deterministic under a seed; no data set needed.
+background, plus the matching line drawing, and whole corpora of them on disk (:func:`write_corpus`).
+Deterministic under a seed; no data set needed.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 
 @dataclass
@@ -68,3 +72,53 @@ def _hatch(color: np.ndarray, polygon: np.ndarray, rng: np.random.Generator) -> 
     for offset in range(-color.shape[0], color.shape[1], spacing):
         cv2.line(lines, (offset, 0), (offset + color.shape[0], color.shape[0]), 255, 1)
     color[(mask > 0) & (lines > 0)] = shade
+
+
+# ------------------------------------------------------------------------------------- a corpus on disk
+SIZES = ((256, 256), (320, 192), (192, 320), (288, 224), (240, 300))
+
+
+def write_corpus(out: Path, count: int, with_bad_files: bool = False, seed: int = 0) -> dict:
+    """Write ``count`` synthetic illustrations under ``out`` the way a scraped corpus looks to the preprocess
+    job: PNG and JPEG with mixed-case extensions in nested folders, at several aspect ratios. With
+    ``with_bad_files``, one file of each kind of damage the job must survive (empty, truncated, not an
+    image, corrupt bytes, too small) and a file that is not an input at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for i in range(count):
+        width, height = SIZES[i % len(SIZES)]
+        picture = synthetic_illustration(seed=seed * 100_003 + i, width=width, height=height)
+        folder = out / f"set{i % 3}"
+        folder.mkdir(exist_ok=True)
+        image = Image.fromarray(picture.color)
+        if i % 4 == 3:
+            path = folder / f"img_{i:05d}.JPG"
+            image.save(path, format="JPEG", quality=92)
+        else:
+            path = folder / f"img_{i:05d}.png"
+            image.save(path, format="PNG")
+        written += 1
+    bad = 0
+    if with_bad_files:
+        broken = out / "broken"
+        broken.mkdir(exist_ok=True)
+        png = io.BytesIO()
+        Image.fromarray(synthetic_illustration(seed=999, width=128, height=128).color).save(png, format="PNG")
+        samples = {
+            "empty.png": b"",
+            "truncated.png": png.getvalue()[: len(png.getvalue()) // 3],
+            "not_an_image.jpg": b"<html><body>404 not found</body></html>",
+            "random_bytes.webp": bytes(range(256)) * 4,
+            "tiny.png": _tiny_png(),
+        }
+        for name, data in samples.items():
+            (broken / name).write_bytes(data)
+        (broken / "README.txt").write_text("not an input: no image extension\n")
+        bad = len(samples)
+    return {"corpus": str(out), "images": written, "bad_files": bad}
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), (255, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -31,6 +31,12 @@ FID_EXTRACTORS = ("inception", "substitute:clip")
 CLIP_EXTRACTORS = ("openclip", "substitute:model")
 # OpenCLIP ViT image towers: width → attention heads (heads are not visible in the weights' shapes).
 OPENCLIP_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
+TABLE1_ARROWS = {"fid": "↓", "psnr": "↑", "ms_ssim": "↑", "clip_cosine": "↑"}  # which way is better
+
+
+def table1_arrow(key: str) -> str:
+    """The arrow of a Table 1 metric key (``fid``, ``fid_substitute_model_clip``, ``psnr``, ...)."""
+    return next(arrow for prefix, arrow in TABLE1_ARROWS.items() if key.startswith(prefix))
 
 
 # ------------------------------------------------------------------------------------ pixel metrics

@@ -22,16 +22,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cv2
-import fsspec
 import numpy as np
-import pyarrow as pa
 import torch
+from tqdm import tqdm
 
+from model.colorizer import read_config
 from model.options import ColorizeOptions
+from pipelines.data.layout import read_rows
 from pipelines.evaluation.deform import Deformation, deform_reference, draw_deformation
-from pipelines.evaluation.metrics import (PSNR_CAP_DB, ExtractorChoice, PixelMetrics, build_extractor, choose_clip_extractor,
-                               choose_fid_extractor, clip_metric_name, cosine, fid_metric_name, frechet_distance,
-                               ms_ssim_settings)
+from pipelines.evaluation.metrics import (PSNR_CAP_DB, ExtractorChoice, PixelMetrics, build_extractor,
+                                          choose_clip_extractor, choose_fid_extractor, clip_metric_name, cosine,
+                                          fid_metric_name, frechet_distance, ms_ssim_settings, table1_arrow)
 
 PAPER_TABLE1 = {"fid": 8.28, "psnr": 28.83, "ms_ssim": 0.70, "clip_cosine": 0.912}
 ROW_COLUMNS = ["id", "image", "sketches", "width", "height"]
@@ -105,36 +106,6 @@ class EvaluationPlan:
     @property
     def min_side(self) -> int:
         return min(min(s) for s in self.sizes.values())
-
-
-def _shard_files(dataset: str) -> tuple[object, list[str]]:
-    from pipelines.data.layout import completed_shards
-    from pipelines.data.shards import shard_name
-
-    fs, root = fsspec.core.url_to_fs(dataset)
-    shards = sorted(completed_shards(dataset))
-    if not shards:
-        raise FileNotFoundError(f"{dataset} has no finished shards (markers/): is it a jobs/preprocess.py output?")
-    return fs, [f"{root}/data/{shard_name(s)}.parquet" for s in shards]
-
-
-def shard_paths(dataset: str) -> list[str]:
-    """The finished shards' Parquet files, with the dataset's protocol (for Ray Data's read_parquet)."""
-    fs, files = _shard_files(dataset)
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return files if protocol in ("file", "local") else [f"{protocol}://{f}" for f in files]
-
-
-def read_rows(dataset: str, ids: list[str] | None, columns: list[str]) -> pa.Table:
-    """Rows of the finished shards (only those whose ``id`` is in ``ids``, when given), streamed so a
-    large dataset never sits in memory whole."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pds
-
-    fs, files = _shard_files(dataset)
-    data = pds.dataset(files, format="parquet", filesystem=fs)
-    row_filter = None if ids is None else pc.field("id").isin(pa.array(sorted(set(ids)), pa.string()))
-    return data.to_table(columns=columns, filter=row_filter)
 
 
 def plan_evaluation(dataset: str, config: EvaluationConfig) -> EvaluationPlan:
@@ -262,10 +233,17 @@ def run_single_process(model_folder: str, dataset: str, config: EvaluationConfig
     for row in table.to_pylist():
         rows.setdefault(row["id"], row)  # identical content may appear twice; one copy is enough
     results = []
-    for start in range(0, len(plan.specs), config.batch_size):
-        specs = plan.specs[start: start + config.batch_size]
-        results.extend(evaluator([rows[s.row_id] for s in specs], specs, plan.sizes))
+    with progress_bar(len(plan.specs), "evaluate") as bar:
+        for start in range(0, len(plan.specs), config.batch_size):
+            specs = plan.specs[start: start + config.batch_size]
+            results.extend(evaluator([rows[s.row_id] for s in specs], specs, plan.sizes))
+            bar.update(len(specs))
     return results
+
+
+def progress_bar(total: int, what: str):
+    """A samples bar on stderr (where people watch long runs; stdout keeps the table and the JSON)."""
+    return tqdm(total=total, desc=what, unit="sample", dynamic_ncols=True, mininterval=2.0)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -283,8 +261,7 @@ class EvaluationReport:
     def markdown(self) -> str:
         """The paper's Table 1 layout; the paper's row fills only columns measured the standard way."""
         keys = list(self.labels)
-        arrows = {"fid": "↓", "psnr": "↑", "ms_ssim": "↑", "clip_cosine": "↑"}
-        header = ["Method"] + [self.labels[k] + next(a for p, a in arrows.items() if k.startswith(p)) for k in keys]
+        header = ["Method"] + [self.labels[k] + table1_arrow(k) for k in keys]
         digits = {"fid": 2, "psnr": 2, "ms_ssim": 3, "clip_cosine": 3}
 
         def cell(key: str, value: float | None) -> str:
@@ -341,10 +318,7 @@ def summarize(results: list[dict], plan: EvaluationPlan, config: EvaluationConfi
         clip_key: float(np.mean([r["clip_cosine"] for r in ordered])),
     }
     if model_config is None:
-        from model.config import ColorizerConfig
-
-        manifest = json.loads((Path(model_folder) / "config.json").read_text())
-        model_config = ColorizerConfig.from_dict(manifest["config"])
+        model_config = read_config(model_folder)
     sampling = model_config.sampling
     steps = sampling.steps if config.steps is None else config.steps
     settings = {

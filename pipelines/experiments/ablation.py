@@ -17,12 +17,26 @@ distance equals rung 2's by construction; its line agreement is measured with th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import mlflow
+
+from model.colorizer import Colorizer, is_model_folder
+from pipelines.data.layout import read_all
+from pipelines.evaluation.entanglement import spatial_entanglement
+from pipelines.evaluation.metrics import table1_arrow
+from pipelines.evaluation.mlflow_report import log_to_mlflow
+from pipelines.evaluation.protocol import EvaluationConfig, evaluate
+from pipelines.training.loop import TrainConfig
+from pipelines.training.trainer import WorkerResources, make_trainer
+from pipelines.training.tracking import find_training_run, training_record
 
 
 @dataclass(frozen=True)
 class Rung:
+    """One step of the ladder: a training run and what it starts from."""
+
     name: str
     stage: str  # "backbone" or "plugin"
     starts_from: str  # "base" or another rung's name
@@ -37,7 +51,7 @@ LADDER = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class AblationSettings:
     """One ablation: the training budget of every rung and where things go."""
 
@@ -47,8 +61,8 @@ class AblationSettings:
     out: str  # rung exports go to <out>/<rung>
     name: str = "ablation"  # run names: <name>-<rung>
     experiment: str = "ablation"
-    steps: int = 1000  # stage-1 steps per backbone rung
-    plugin_steps: int = 250
+    train_steps: int = 1000  # stage-1 steps per backbone rung
+    plugin_train_steps: int = 250
     rungs: tuple[str, ...] = tuple(r.name for r in LADDER)
 
     def rung_names(self) -> list[str]:
@@ -57,8 +71,8 @@ class AblationSettings:
             raise ValueError(f"unknown rungs {sorted(unknown)}; the ladder is {[r.name for r in LADDER]}")
         chosen = [r for r in LADDER if r.name in self.rungs]
         for rung in chosen:  # a rung needs the export of the one it starts from
-            if rung.starts_from != "base" and rung.starts_from not in self.rungs and not (
-                    Path(self.export(rung.starts_from)) / "config.json").is_file():
+            if rung.starts_from != "base" and rung.starts_from not in self.rungs and not is_model_folder(
+                    self.export(rung.starts_from)):
                 raise ValueError(f"rung {rung.name} starts from {rung.starts_from}, which is neither chosen nor "
                                  f"already exported at {self.export(rung.starts_from)}")
         return [r.name for r in chosen]
@@ -69,15 +83,13 @@ class AblationSettings:
     def start_of(self, rung: Rung) -> str:
         return self.model if rung.starts_from == "base" else self.export(rung.starts_from)
 
-    def train_args(self, rung: Rung) -> list[str]:
-        """The rung's ``jobs/train.py`` flags (budget and placement flags are added by the caller)."""
-        args = ["--stage", rung.stage, "--model", self.start_of(rung), "--data", self.data,
-                "--export", self.export(rung.name), "--run-name", f"{self.name}-{rung.name}",
-                "--experiment", self.experiment,
-                "--steps", str(self.steps if rung.stage == "backbone" else self.plugin_steps)]
-        if rung.gram_weight is not None:
-            args += ["--gram-weight", str(rung.gram_weight)]
-        return args
+    def rung_config(self, rung: Rung, **training) -> TrainConfig:
+        """The rung's training run; ``training`` holds the budget every rung shares (batch size, lr, seed,
+        MLflow store, checkpoint cadence: :class:`TrainConfig`'s fields)."""
+        return TrainConfig(stage=rung.stage, model=self.start_of(rung), dataset=self.data,
+                           export=self.export(rung.name), run_name=f"{self.name}-{rung.name}",
+                           mlflow_experiment=self.experiment, gram_weight=rung.gram_weight,
+                           steps=self.train_steps if rung.stage == "backbone" else self.plugin_train_steps, **training)
 
 
 def rung(name: str) -> Rung:
@@ -86,6 +98,8 @@ def rung(name: str) -> Rung:
 
 @dataclass
 class RungResult:
+    """What one rung measured, and where its runs are."""
+
     rung: str
     description: str
     export: str
@@ -102,10 +116,9 @@ ENTANGLEMENT_COLUMNS = (("gram_distance", "Gram distance↓"), ("line_agreement"
 
 def ablation_table(results: list[RungResult], caption: str) -> str:
     """Markdown: one row per rung, Table 1 metrics then the entanglement measures."""
-    arrows = {"fid": "↓", "psnr": "↑", "ms_ssim": "↑", "clip_cosine": "↑"}
     keys = list(results[0].labels)
-    header = (["Rung", "What"] + [results[0].labels[k] + next(a for p, a in arrows.items() if k.startswith(p))
-                                   for k in keys] + [label for _, label in ENTANGLEMENT_COLUMNS])
+    header = (["Rung", "What"] + [results[0].labels[k] + table1_arrow(k) for k in keys]
+              + [label for _, label in ENTANGLEMENT_COLUMNS])
     lines = ["| " + " | ".join(header) + " |", "| --- | --- |" + " ---: |" * (len(header) - 2)]
     for r in results:
         cells = [f"{r.metrics[k]:.3f}" for k in keys] + [f"{r.entanglement[k]:.4f}" for k, _ in ENTANGLEMENT_COLUMNS]
@@ -120,3 +133,59 @@ def write_results(out: str, results: list[RungResult], markdown: str) -> dict[st
     paths["markdown"].write_text(markdown)
     paths["json"].write_text(json.dumps([asdict(r) for r in results], indent=2))
     return paths
+
+
+# ------------------------------------------------------------------------------------------- running
+def train_rung(settings: AblationSettings, name: str, resources: WorkerResources, storage: str,
+               **training) -> None:
+    """Train one rung with the same trainer as ``jobs/train.py`` (skipped when its export exists)."""
+    if is_model_folder(settings.export(name)):
+        print(f"[ablate] {name}: already exported at {settings.export(name)}", flush=True)
+        return
+    cfg = settings.rung_config(rung(name), **training)
+    print(f"[ablate] {name}: training {cfg.stage} for {cfg.steps} steps from {cfg.model}", flush=True)
+    make_trainer(cfg, resources, storage=storage).fit()
+
+
+def measure_rung(settings: AblationSettings, name: str, config: EvaluationConfig, runner, pairs: int,
+                 tracking: str) -> RungResult:
+    """Table 1 metrics and the entanglement measures of one rung's export, logged to MLflow."""
+    export = settings.export(name)
+    report = evaluate(export, settings.eval_data, replace(config, method=name), runner=runner)
+    report.write(Path(settings.out) / "eval" / name)
+    evaluation_run = log_to_mlflow(report, export, tracking_uri=tracking, experiment=settings.experiment)
+
+    rows = read_all(settings.eval_data, columns=["image", "sketches", "sketch_extractors"]).slice(0, pairs).to_pylist()
+    model = Colorizer.from_pretrained(export)
+    entanglement = spatial_entanglement(model, rows, seed=config.seed, steps=config.steps).to_json()
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    training_run = find_training_run(client, experiment.experiment_id, training_record(export))
+    for target in filter(None, (training_run, evaluation_run)):
+        for key in ("gram_distance", "line_agreement", "line_agreement_aligned"):
+            client.log_metric(target, f"entanglement/{key}", float(entanglement[key]))
+    return RungResult(rung=name, description=rung(name).description, export=export, training_run=training_run,
+                      evaluation_run=evaluation_run, metrics=report.metrics, labels=report.labels,
+                      entanglement=entanglement)
+
+
+def run_ablation(settings: AblationSettings, evaluation: EvaluationConfig, resources: WorkerResources, *,
+                 tracking: str, storage: str, batch_size: int, lr: float = 1e-5, seed: int = 0,
+                 entanglement_pairs: int = 8, runner=None) -> tuple[list[RungResult], str]:
+    """Train, then measure, every chosen rung (Ray must already be initialized); write and return the
+    table. ``runner`` spreads the evaluation over Ray Data actors (None: in this process)."""
+    names = settings.rung_names()
+    evaluation.choices()  # a missing extractor stops the ablation before any training
+    for name in names:
+        train_rung(settings, name, resources, storage, batch_size=batch_size, lr=lr, seed=seed,
+                   mlflow_tracking_uri=tracking, checkpoint_every=max(1, settings.train_steps // 4), sample_every=0)
+    results = [measure_rung(settings, name, evaluation, runner, entanglement_pairs, tracking) for name in names]
+    budget = f"{settings.train_steps} stage-1 steps per backbone rung, {settings.plugin_train_steps} plugin steps"
+    caption = (f"{budget}, {resources.workers} worker(s) × batch {batch_size}; evaluated on {settings.eval_data} "
+               f"({len(names)} rungs, the same samples and seed for each). Entanglement over "
+               f"{entanglement_pairs} held-out pairs: Gram distance between the aligned and misaligned branches; "
+               f"line agreement = F-score of the output's lines against the sketch, with another image's reference "
+               f"(misaligned) and with the image's own (aligned).")
+    markdown = ablation_table(results, caption)
+    write_results(settings.out, results, markdown)
+    return results, markdown

@@ -9,7 +9,7 @@ drive every step with a real sqlite store:
     summaries = summarize_runs(client, runs)
     result = write_comparison(summaries, experiment.name, Path("outputs/comparison"))  # markdown, table, files
 
-Training runs (``Tracker`` in :mod:`pipelines.training.loop`) log params and per-step metrics; evaluation runs
+Training runs (``Tracker`` in :mod:`pipelines.training.tracking`) log params and per-step metrics; evaluation runs
 (:mod:`pipelines.evaluation.mlflow_report`) tag the training run they measured with ``colorize.evaluates=<run id>`` and
 their setting with ``colorize.eval.setting``. Their metrics are shown in that training run's column as
 ``eval/<setting>/<name>`` (the key the evaluation also logs onto the training run, so the two share a row),
@@ -25,11 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote
 
-EVALUATES_TAG = "colorize.evaluates"
-SETTING_TAG = "colorize.eval.setting"
-KIND_TAG = "colorize.kind"
-COMPARISON_KIND = "comparison"
-EVALUATION_KIND = "evaluation"
+from pipelines.training.tracking import COMPARISON_KIND, EVALUATES_TAG, EVALUATION_KIND, KIND_TAG, SETTING_TAG
+
 EVAL_PREFIX = "eval/"
 LIVE_STATUSES = ("FINISHED", "RUNNING")  # what a default selection shows; FAILED/KILLED only when named
 SHORT_ID = 8

@@ -6,14 +6,15 @@ single-bucket batches from the preprocessed dataset, step, and every ``checkpoin
 DeepSpeed's sharded checkpoint through ``ray.train.report``. Rank 0 logs to MLflow under one run that
 survives restarts and, at the end, exports a consolidated model folder that ``Colorizer`` loads.
 
-The science lives in :mod:`model.objective` (stage 1) and :mod:`model.plugin` (stage 2).
+The science lives in :mod:`model.objective` (stage 1) and :mod:`model.plugin` (stage 2); the stages
+that wrap them share one interface (:mod:`pipelines.training.stages`), so this loop is the same for both.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
+import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,12 +23,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.objective import TrainingBatch, gram_weight_at, training_step
+from model.colorizer import Colorizer
+from model.config import preset_name
+from model.generate import generate_latents
+from model.guidance import Guidance
+from model.images import tensor_to_image
+from model.objective import TrainingBatch
+from model.plugin import PluginConfig, attach_plugin
+from model.vae import decode_latents
+from model.visualize import figure_image, gram_figure, grid, sketch_image
+from pipelines.data.batches import BucketBatcher, epoch_batches, rows_of
+from pipelines.training.progress import Progress
+from pipelines.training.stages import STAGES, build_stage
+from pipelines.training.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRAINING_RECORD, Tracker
 
-STAGES = ("backbone", "plugin")
 
-
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; logged to MLflow as its parameters."""
 
@@ -37,85 +48,28 @@ class TrainConfig:
     export: str  # where the consolidated model folder goes at the end
     steps: int = 1000
     batch_size: int = 16  # per worker
-    steps_per_epoch: int = 1  # the same on every worker; jobs/train.py derives it from the dataset manifest
+    steps_per_epoch: int = 1  # the same on every worker; make_trainer derives it from the dataset manifest
     lr: float = 1e-5
     weight_decay: float = 0.01
     gradient_clipping: float = 1.0
     gradient_checkpointing: bool = True
     checkpoint_every: int = 100
     sample_every: int = 500  # sample grid + Gram heat maps to MLflow (0 = only at the end)
+    log_every: int = 10  # rank 0 prints step i/N, loss, samples/s and the ETA every this many steps
     seed: int = 0
-    aesthetic_score: float = 7.0
+    aesthetic_score: float | None = None  # the vector condition's score; None = the model config's sampling one
     plugin_rank: int = 16
     gram_weight: float | None = None  # stage 1's λ after the warm-up; None = the model config's (0 = ablation)
-    mlflow_tracking_uri: str = "sqlite:///mlflow.db"
-    mlflow_experiment: str = "colorize-xl"
+    mlflow_tracking_uri: str = DEFAULT_TRACKING_URI
+    mlflow_experiment: str = DEFAULT_EXPERIMENT
     run_name: str = "colorize-xl"
     extra_params: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1:
-            raise ValueError("steps, batch_size and checkpoint_every must be positive")
-
-
-# ------------------------------------------------------------------------------------------- modules
-class BackboneStage(nn.Module):
-    """Stage 1: the U-Net, sketch encoder and projector train; forward is the dual-branch step."""
-
-    def __init__(self, colorizer):
-        super().__init__()
-        self.unet = colorizer.unet
-        self.sketch_encoder = colorizer.sketch_encoder
-        self.projector = colorizer.projector
-        self.noise_scheduler = colorizer.noise_scheduler
-        self.diffusion = colorizer.config.diffusion
-
-    def forward(self, batch: TrainingBatch, gram_weight: float, generator=None):
-        return training_step(self, batch, self.noise_scheduler, self.diffusion, gram_weight=gram_weight,
-                             generator=generator)
-
-    def trainable_parameters(self):
-        return [p for m in (self.unet, self.sketch_encoder, self.projector) for p in m.parameters()]
-
-
-class PluginStage(nn.Module):
-    """Stage 2: only the plugin and the split-attention adapters train; the backbone is frozen."""
-
-    def __init__(self, colorizer, rank: int):
-        from model.plugin import PluginConfig, attach_plugin, prepare_stage2
-
-        super().__init__()
-        if colorizer.plugin is None:
-            attach_plugin(colorizer, PluginConfig(lora_rank=rank))
-        self._trainable = prepare_stage2(colorizer)
-        self.unet = colorizer.unet
-        self.sketch_encoder = colorizer.sketch_encoder
-        self.projector = colorizer.projector
-        self.plugin = colorizer.plugin
-        self.noise_scheduler = colorizer.noise_scheduler
-        self.diffusion = colorizer.config.diffusion
-
-    def forward(self, batch: TrainingBatch, generator=None):
-        from model.plugin import plugin_training_step
-
-        return plugin_training_step(self, self.plugin, batch, self.noise_scheduler, self.diffusion, generator=generator)
-
-    def trainable_parameters(self):
-        return list(self._trainable)
-
-
-def build_stage(colorizer, cfg: TrainConfig) -> nn.Module:
-    """The module DeepSpeed wraps; its attribute names mirror ``Colorizer``'s, so its parameter names are
-    the exported model's."""
-    stage = BackboneStage(colorizer) if cfg.stage == "backbone" else PluginStage(colorizer, rank=cfg.plugin_rank)
-    trainable = {id(p) for p in stage.trainable_parameters()}
-    for p in stage.parameters():
-        p.requires_grad_(id(p) in trainable)
-    if cfg.gradient_checkpointing:
-        colorizer.unet.unet.enable_gradient_checkpointing()
-    return stage
+        if min(self.steps, self.batch_size, self.checkpoint_every, self.steps_per_epoch, self.log_every) < 1:
+            raise ValueError("steps, batch_size, checkpoint_every, steps_per_epoch and log_every must be positive")
 
 
 def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
@@ -131,51 +85,6 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
     }
 
 
-# ------------------------------------------------------------------------------------------- mlflow
-class Tracker:
-    """MLflow from rank 0 only; one run per ``run_name``, found again after any restart."""
-
-    def __init__(self, cfg: TrainConfig, run_id: str | None, active: bool):
-        self.active = active
-        self.run_id = run_id
-        if not active:
-            return
-        import mlflow
-
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-        experiment = mlflow.get_experiment_by_name(cfg.mlflow_experiment)
-        if experiment is None:
-            artifacts = Path(cfg.export).resolve().parent / "mlartifacts"
-            experiment_id = mlflow.create_experiment(cfg.mlflow_experiment, artifact_location=artifacts.as_uri())
-        else:
-            experiment_id = experiment.experiment_id
-        if run_id is None:
-            found = mlflow.search_runs([experiment_id], filter_string=f"tags.`colorize.run_name` = '{cfg.run_name}'"
-                                       f" and tags.`colorize.stage` = '{cfg.stage}'", output_format="list")
-            run_id = found[0].info.run_id if found else None
-        if run_id is None:
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=f"{cfg.run_name}-{cfg.stage}",
-                                   tags={"colorize.run_name": cfg.run_name, "colorize.stage": cfg.stage})
-            params = {k: v for k, v in asdict(cfg).items() if k != "extra_params"} | cfg.extra_params
-            mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        else:
-            run = mlflow.start_run(run_id=run_id)
-        self.run_id = run.info.run_id
-
-    def metrics(self, values: dict, step: int) -> None:
-        if self.active:
-            self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
-
-    def image(self, image, name: str) -> None:
-        if self.active:
-            self.mlflow.log_image(image, artifact_file=name)
-
-    def close(self) -> None:
-        if self.active:
-            self.mlflow.end_run()
-
-
 # --------------------------------------------------------------------------------------------- loop
 def _device() -> torch.device:
     if torch.cuda.is_available():
@@ -185,28 +94,21 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def batches_forever(shard, cfg: TrainConfig, seed: int):
+def batches_forever(shard, cfg: TrainConfig, seed: int, aesthetic_score: float):
     """Epoch after epoch of single-bucket batches from this worker's dataset shard, the same number per
     epoch on every worker (``cfg.steps_per_epoch``)."""
-    import random
-
-    from pipelines.data.batches import BucketBatcher, epoch_batches, rows_of
-
     batcher, rng, epoch = BucketBatcher(cfg.batch_size), random.Random(seed), 0
     while True:
         rows = rows_of(shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
                                           local_shuffle_seed=seed + epoch))
-        yield from epoch_batches(rows, batcher, cfg.steps_per_epoch, rng=rng, aesthetic_score=cfg.aesthetic_score,
+        yield from epoch_batches(rows, batcher, cfg.steps_per_epoch, rng=rng, aesthetic_score=aesthetic_score,
                                  stage=cfg.stage)
         epoch += 1
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
+    import deepspeed  # heavy, and only needed inside the Ray Train workers
     import ray.train
-
-    from model.colorizer import Colorizer
-    from model.config import preset_name
 
     cfg = TrainConfig(**config)
     context = ray.train.get_context()
@@ -216,8 +118,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
 
     colorizer = Colorizer.from_pretrained(cfg.model, components=("unet", "vae"))  # no frozen encoders: cached
-    cfg.extra_params.setdefault("preset", preset_name(colorizer.config))
-    stage = build_stage(colorizer, cfg)
+    stage = build_stage(colorizer, cfg.stage, total_steps=cfg.steps, gram_weight=cfg.gram_weight,
+                        plugin_rank=cfg.plugin_rank, gradient_checkpointing=cfg.gradient_checkpointing)
     stage.to(device)
     optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, fused=on_gpu)
@@ -232,20 +134,19 @@ def train_loop_per_worker(config: dict) -> None:
         step, run_id = int(client_state["step"]), client_state.get("mlflow_run_id")
         if rank == 0:
             print(f"[train] resumed from step {step} of {cfg.steps}", flush=True)
-    tracker = Tracker(cfg, run_id, active=rank == 0)
+    tracker = Tracker(cfg, run_id, active=rank == 0,
+                      extra_params={"preset": preset_name(colorizer.config)})
+    progress = Progress(f"train {cfg.stage}", cfg.steps, every=cfg.log_every, first_step=step, active=rank == 0)
 
-    diffusion = colorizer.config.diffusion
-    if cfg.gram_weight is not None:
-        diffusion = dataclasses.replace(diffusion, gram_weight=cfg.gram_weight)
-    batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.seed * 1000 + rank)
+    score = colorizer.config.sampling.aesthetic_score if cfg.aesthetic_score is None else cfg.aesthetic_score
+    batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.seed * 1000 + rank, score)
     preview = None
     while step < cfg.steps:
         started = time.perf_counter()
         batch = next(batches).to(device, dtype)
         if preview is None:
             preview = batch
-        weight = gram_weight_at(step, cfg.steps, diffusion) if cfg.stage == "backbone" else 0.0
-        losses = engine(batch, weight) if cfg.stage == "backbone" else engine(batch)
+        losses = engine(batch, step)
         engine.backward(losses.loss)
         engine.step()
         step += 1
@@ -253,10 +154,11 @@ def train_loop_per_worker(config: dict) -> None:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         metrics = {"loss": losses.loss.item(), "diffusion_loss": losses.diffusion_loss.item(),
-                   "gram_loss": float(getattr(losses, "gram_loss", torch.zeros(())).item()), "gram_weight": weight,
+                   "gram_loss": losses.gram_loss.item(), "gram_weight": losses.gram_weight,
                    "lr": optimizer.param_groups[0]["lr"], "samples_per_s": cfg.batch_size * world / seconds,
                    "gpu_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if on_gpu else 0.0}
         tracker.metrics(metrics, step)
+        progress.update(step, loss=metrics["loss"], samples_per_s=metrics["samples_per_s"])
         if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
             log_pictures(tracker, colorizer, preview, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -291,11 +193,6 @@ def log_pictures(tracker: Tracker, colorizer, batch: TrainingBatch, step: int, c
     misaligned branch at t = 500, next to the sketch with the query marked."""
     if not tracker.active or batch is None:
         return
-    from model.generate import generate_latents
-    from model.guidance import Guidance
-    from model.images import tensor_to_image
-    from model.vae import decode_latents
-    from model.visualize import figure_image, gram_figure, grid, sketch_image
 
     was_training = colorizer.unet.training
     colorizer.unet.eval()
@@ -344,22 +241,19 @@ def full_precision_parameters(stage: nn.Module) -> dict[str, torch.Tensor]:
 def export_model(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> Path:
     """Consolidated model folder: the starting folder (fp32) with the trained parameters replaced, so
     frozen weights leave exactly as they came in."""
-    from model.colorizer import Colorizer
-
     final = Colorizer.from_pretrained(cfg.model)
     if cfg.stage == "plugin" and final.plugin is None:
-        from model.plugin import PluginConfig, attach_plugin
-
         attach_plugin(final, PluginConfig(lora_rank=cfg.plugin_rank), copy_denoiser=False)
     result = final.load_state_dict(trained, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"trained parameters not in the model: {result.unexpected_keys[:10]}")
     folder = final.save_pretrained(cfg.export)
-    (Path(folder) / "training.json").write_text(json.dumps(asdict(cfg), indent=2))
+    (Path(folder) / TRAINING_RECORD).write_text(json.dumps(asdict(cfg), indent=2))
     return Path(folder)
 
 
 def local_rank_environment() -> dict:
-    """Environment fixes DeepSpeed needs on some images (see ../shared/docs/ray-notes.md)."""
+    """Environment fixes DeepSpeed needs on some images: its op builder cannot parse an arch list that ends
+    in an architecture-specific suffix such as ``9.0a``, so the suffix is dropped for the workers."""
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
     return {"TORCH_CUDA_ARCH_LIST": arch.replace("a", "")} if arch.endswith("a") else {}

@@ -1,0 +1,72 @@
+"""The ``TorchTrainer`` of one training stage: config, resources and storage in, a trainer out.
+
+:func:`make_trainer` is what ``jobs/train.py``, the ablation and the demo call, with typed arguments, so
+a training option is declared once (in :class:`TrainConfig`) and never passes through a command line
+between Python modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from pipelines.data.batches import columns_for, steps_per_epoch
+from pipelines.data.layout import DATA, finished_manifest
+from pipelines.training.loop import TrainConfig, local_rank_environment, train_loop_per_worker
+from pipelines.training.tracking import tracking_uri
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (Ray workers run in other directories); URIs (``s3://``) as they are."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """How many Ray Train workers, and what each one holds."""
+
+    workers: int = 1
+    gpu: bool = False  # one GPU per worker (bf16)
+    cpus_per_worker: float = 1.0
+
+    def __post_init__(self):
+        if self.workers < 1 or self.cpus_per_worker <= 0:
+            raise ValueError(f"workers must be ≥ 1 and cpus_per_worker > 0, got {self.workers}, {self.cpus_per_worker}")
+
+
+def with_dataset_steps(cfg: TrainConfig, workers: int) -> TrainConfig:
+    """``cfg`` with ``steps_per_epoch`` derived from the dataset manifest: the same on every worker, so
+    every worker's epoch ends together (ZeRO-2 steps are collectives)."""
+    manifest = finished_manifest(cfg.dataset)
+    per_epoch = steps_per_epoch(manifest["rows"] // workers, len(manifest["buckets"]), cfg.batch_size)
+    return dataclasses.replace(cfg, steps_per_epoch=per_epoch)
+
+
+def make_trainer(cfg: TrainConfig, resources: WorkerResources, storage: str, max_failures: int = 3) -> TorchTrainer:
+    """A trainer for one stage; rerunning with the same ``run_name`` and ``storage`` resumes from its last
+    checkpoint (step, λ schedule, optimizer state and the MLflow run)."""
+    cfg = dataclasses.replace(cfg, model=absolute(cfg.model), dataset=absolute(cfg.dataset),
+                              export=absolute(cfg.export), mlflow_tracking_uri=tracking_uri(cfg.mlflow_tracking_uri),
+                              extra_params={"workers": resources.workers, "gpu": resources.gpu,
+                                            "global_batch": cfg.batch_size * resources.workers} | cfg.extra_params)
+    cfg = with_dataset_steps(cfg, resources.workers)
+    dataset = ray.data.read_parquet(f"{cfg.dataset.rstrip('/')}/{DATA}", columns=columns_for(cfg.stage))
+    per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.gpu else {})
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=asdict(cfg),
+        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=f"{cfg.run_name}-{cfg.stage}", storage_path=absolute(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": local_rank_environment()},
+        ),
+        datasets={"train": dataset},
+    )

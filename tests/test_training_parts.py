@@ -1,0 +1,108 @@
+"""The training package's parts without Ray: the two stages behind one interface, the progress lines,
+the dataset manifest check and the shared job flags."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from model.colorizer import Colorizer
+from pipelines.training.progress import Progress, format_seconds
+from pipelines.training.stages import BackboneStage, PluginStage, build_stage
+from test_model_parts import make_batch
+from test_plugin import make_stage2_batch
+
+
+@pytest.fixture()
+def fresh_colorizer(tiny_config):
+    torch.manual_seed(0)
+    return Colorizer.from_config(tiny_config)
+
+
+def test_both_stages_step_with_the_same_call_and_the_backbone_owns_the_gram_schedule(tiny_colorizer):
+    backbone = build_stage(copy.deepcopy(tiny_colorizer), "backbone", total_steps=9, gradient_checkpointing=False)
+    assert isinstance(backbone, BackboneStage)
+    batch = make_batch(tiny_colorizer)
+    generator = torch.Generator().manual_seed(0)
+    warm_up = backbone(batch, 0, generator=generator)
+    after = backbone(batch, 8, generator=torch.Generator().manual_seed(0))
+    assert warm_up.gram_weight == 0.0 and warm_up.gram_loss.item() == 0.0  # λ = 0 for the first third
+    assert after.gram_weight == tiny_colorizer.config.diffusion.gram_weight and after.gram_loss.item() > 0
+
+    ablation = build_stage(copy.deepcopy(tiny_colorizer), "backbone", total_steps=9, gram_weight=0.0,
+                           gradient_checkpointing=False)
+    assert ablation(batch, 8, generator=torch.Generator().manual_seed(0)).gram_weight == 0.0
+
+    plugin = build_stage(copy.deepcopy(tiny_colorizer), "plugin", total_steps=9, plugin_rank=4,
+                         gradient_checkpointing=False)
+    assert isinstance(plugin, PluginStage)
+    losses = plugin(make_stage2_batch(tiny_colorizer), 8, generator=torch.Generator().manual_seed(0))
+    assert losses.gram_weight == 0.0 and torch.isfinite(losses.loss)
+
+
+def test_only_the_stages_trainable_parameters_require_gradients(tiny_colorizer):
+    plugin = build_stage(copy.deepcopy(tiny_colorizer), "plugin", total_steps=1, plugin_rank=4,
+                         gradient_checkpointing=False)
+    trainable = {id(p) for p in plugin.trainable_parameters()}
+    assert trainable and all(p.requires_grad == (id(p) in trainable) for p in plugin.parameters())
+    assert not any(p.requires_grad for p in plugin.unet.parameters() if id(p) not in trainable)
+    with pytest.raises(ValueError, match="stage must be one of"):
+        build_stage(tiny_colorizer, "vae", total_steps=1)
+
+
+def test_progress_prints_on_its_cadence_and_the_last_step_with_an_eta():
+    now = [100.0]
+    lines = []
+    progress = Progress("train backbone", 25, every=10, clock=lambda: now[0], out=lambda text, flush: lines.append(text))
+    for step in range(1, 26):
+        now[0] += 2.0  # two seconds a step
+        progress.update(step, loss=0.123456, samples_per_s=4.0)
+    assert len(lines) == 3  # steps 10, 20 and the last one
+    assert lines[0] == ("[train backbone] step 10/25 (40%) | loss 0.1235 | samples/s 4 | elapsed 20s | ETA 30s")
+    assert lines[-1].startswith("[train backbone] step 25/25 (100%)") and lines[-1].endswith("ETA 0s")
+
+
+def test_progress_after_a_resume_times_only_the_steps_it_ran():
+    now = [0.0]
+    progress = Progress("train", 1000, every=1, first_step=900, clock=lambda: now[0], out=lambda *a, **k: None)
+    now[0] = 50.0
+    assert progress.line(950).endswith("elapsed 50s | ETA 50s")  # 50 steps in 50 s since the resume
+    assert progress.update(950) is not None and Progress("x", 10, active=False).update(10) is None
+
+
+@pytest.mark.parametrize("seconds,text", [(0, "0s"), (59.4, "59s"), (75, "1m15s"), (3725, "1h02m")])
+def test_durations_read_the_way_people_write_them(seconds, text):
+    assert format_seconds(seconds) == text
+
+
+def test_an_unfinished_dataset_is_refused_with_its_progress(tmp_path):
+    from pipelines.data.layout import MANIFEST_FILE, finished_manifest
+
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        finished_manifest(str(tmp_path))
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"complete": False, "shards_done": 2, "shards": 5}))
+    with pytest.raises(ValueError, match="2/5 shards"):
+        finished_manifest(str(tmp_path))
+
+
+def test_job_flags_parse_sizes_and_pairs_and_turn_expected_failures_into_one_line():
+    import argparse
+
+    from jobs import flags
+
+    assert flags.parse_size("1024") == (1024, 1024) and flags.parse_size("1152x896") == (1152, 896)
+    for bad in ("0", "12x", "axb", "1x2x3"):
+        with pytest.raises(argparse.ArgumentTypeError, match="size must be N or WxH"):
+            flags.parse_size(bad)
+    assert flags.parse_pairs(["a=x", "b=y=z"]) == {"a": "x", "b": "y=z"}
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=PATH"):
+        flags.parse_pairs(["nothing"])
+    with pytest.raises(SystemExit, match="^train: no such dataset$"):
+        with flags.job_errors("train"):
+            raise FileNotFoundError("no such dataset")
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        with flags.job_errors("train"):
+            raise KeyError("bug")
