@@ -21,4 +21,4 @@ def init_model(out: str | Path, preset: str, seed: int = 0, paths: PretrainedPat
     if is_model_folder(out):
         return out
     torch.manual_seed(seed)
-    return Colorizer.from_config(get_preset(preset), paths).save_pretrained(out)
+    return Colorizer.from_config(get_preset(preset), paths, progress=True).save_pretrained(out)

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+from tqdm import tqdm
 
 from model import pretrained
 from model.config import ColorizerConfig
@@ -98,31 +99,37 @@ class Colorizer(nn.Module):
     # ----------------------------------------------------------------------------------------- building
     @classmethod
     def from_config(cls, config: ColorizerConfig, pretrained_paths: PretrainedPaths | None = None,
-                    placeholders: tuple[str, ...] = ()) -> "Colorizer":
+                    placeholders: tuple[str, ...] = (), progress: bool = False) -> "Colorizer":
         """Fresh model; published parts are loaded where ``pretrained_paths`` names them. Parts named in
         ``placeholders`` (from :data:`OPTIONAL_PARTS`) are built on the meta device: right shapes, no memory,
-        unusable until loaded (a trainer needs no tagger, a preprocess encoder no U-Net)."""
+        unusable until loaded (a trainer needs no tagger, a preprocess encoder no U-Net). ``progress`` shows
+        a bar over the published parts (assembling the sdxl preset reads about 10 GB)."""
         paths = pretrained_paths or PretrainedPaths()
         unknown = set(placeholders) - set(OPTIONAL_PARTS)
         if unknown:
             raise ValueError(f"only {OPTIONAL_PARTS} can be left out, not {sorted(unknown)}")
+        if bool(paths.tagger_weights) != bool(paths.tagger_tags):
+            raise ValueError("the WD-Tagger needs both its weights file and its selected_tags.csv")
         parts: dict = dict.fromkeys(OPTIONAL_PARTS)
         with torch.device("meta"):
             builders = {"unet": lambda: build_unet(config.unet), "vae": lambda: build_vae(config.vae),
                         "tagger": lambda: WDTagger(config.tagger), "clip": lambda: ClipImageEncoder(config.clip)}
             for name in placeholders:
                 parts[name] = builders[name]()
-        if paths.unet:
-            parts["unet"] = pretrained.load_unet(paths.unet, config.unet)
-        if paths.vae:
-            parts["vae"] = pretrained.load_vae(paths.vae, config.vae)
-        if paths.tagger_weights or paths.tagger_tags:
-            if not (paths.tagger_weights and paths.tagger_tags):
-                raise ValueError("the WD-Tagger needs both its weights file and its selected_tags.csv")
-            parts["tagger"] = pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger)
+        loaders = {
+            "unet": paths.unet and (lambda: pretrained.load_unet(paths.unet, config.unet)),
+            "vae": paths.vae and (lambda: pretrained.load_vae(paths.vae, config.vae)),
+            "tagger": paths.tagger_weights and (
+                lambda: pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger)),
+            "clip": paths.clip and (lambda: pretrained.load_clip_vision(paths.clip, config.clip)),
+        }
+        published = [(name, load) for name, load in loaders.items() if load]
+        with tqdm(published, desc="load published weights", unit="part", disable=not (progress and published)) as bar:
+            for name, load in bar:
+                bar.set_postfix_str(name)
+                parts[name] = load()
+        if parts["tagger"] is not None and paths.tagger_weights:
             config = config.replace(tagger={"num_tags": len(parts["tagger"].tags)})
-        if paths.clip:
-            parts["clip"] = pretrained.load_clip_vision(paths.clip, config.clip)
         return cls(config, **parts)
 
     def train(self, mode: bool = True) -> "Colorizer":

@@ -21,7 +21,6 @@ Arguments (``build_app(args)``; each also read from the environment as ``COLORIZ
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
