@@ -432,10 +432,10 @@ def test_train_job_stages_chain_and_keep_the_papers_batch():
         assert parsed.workers * parsed.cpus_per_worker <= sum(
             g["replicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
             for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
-    assert stages["plugin"].model == stages["backbone"].export
+    assert stages["plugin"].model == stages["backbone"].out
     (service_name, service), = ray_resources("RayService")
     served = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["model"]
-    assert served == stages["plugin"].export, "the RayService serves the stage-2 export"
+    assert served == stages["plugin"].out, "the RayService serves the stage-2 export"
 
 
 # ================================================================================================ serve
