@@ -9,6 +9,7 @@ loss; stage 2's frozen backbone and plugin) lives inside them, so the loop never
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 
 from torch import nn
 
@@ -29,11 +30,13 @@ class TrainingStage(nn.Module):
         self.noise_scheduler = colorizer.noise_scheduler
         self.diffusion: DiffusionConfig = colorizer.config.diffusion
 
+    @abstractmethod
     def forward(self, batch: TrainingBatch, step: int, generator=None) -> StepLosses:
-        raise NotImplementedError
+        """The losses of optimizer step ``step`` (0-based) on ``batch``."""
 
+    @abstractmethod
     def trainable_parameters(self) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """The parameters this stage trains; every other one is frozen by :func:`build_stage`."""
 
 
 class BackboneStage(TrainingStage):
