@@ -6,8 +6,8 @@ the number training lowers, it is computed without sampling, and it is exactly r
 same number before and after training (same rows, same seed, same noise, timesteps and dropout draws)
 shows learning, or its absence, long before the pictures do.
 
-The loss is the model's own objective (:func:`model.objective.training_step` for stage 1 without the
-Gram term, :func:`model.plugin.plugin_training_step` for stage 2), evaluated under ``torch.no_grad`` with
+The loss is the training stage's own (:mod:`pipelines.training.stages`: stage 1 with λ = 0, so no Gram
+term; stage 2 with the plugin and split attention), evaluated under ``torch.no_grad`` with
 a seeded generator on the first ``samples`` rows of a preprocessed dataset, each with its first sketch
 variant, batched by aspect bucket as training batches them.
 """
@@ -20,10 +20,10 @@ from collections.abc import Iterator
 import torch
 
 from model.colorizer import Colorizer
-from model.objective import STAGES, TrainingBatch, training_step
-from model.plugin import attach_plugin, plugin_training_step
+from model.objective import STAGES, TrainingBatch
 from pipelines.data.batches import collate, columns_for, decode_sample
 from pipelines.data.layout import read_all
+from pipelines.training.stages import TrainingStage, build_stage
 
 
 def heldout_diffusion_loss(model_folder: str, dataset: str, *, stage: str = "backbone", samples: int = 8,
@@ -41,11 +41,11 @@ def heldout_diffusion_loss(model_folder: str, dataset: str, *, stage: str = "bac
         raise ValueError(f"samples and batch_size must be positive, got {samples} and {batch_size}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Colorizer.from_pretrained(model_folder, device=device, components=("unet", "vae"))
-    if stage == "plugin" and model.plugin is None:
-        attach_plugin(model)
+    # The stage module attaches a fresh plugin where there is none; λ = 0 leaves the Gram term out.
+    objective = build_stage(model, stage, total_steps=1, gram_weight=0.0, gradient_checkpointing=False)
     rows = first_rows(dataset, stage, samples)
     batches = heldout_batches(rows, stage, batch_size, seed, model.config.sampling.aesthetic_score)
-    return mean_diffusion_loss(model, batches, stage, seed)
+    return mean_diffusion_loss(objective, batches, seed, model.device, model.dtype)
 
 
 def first_rows(dataset: str, stage: str, samples: int) -> list[dict]:
@@ -73,26 +73,16 @@ def heldout_batches(rows: list[dict], stage: str, batch_size: int, seed: int,
 
 
 @torch.no_grad()
-def mean_diffusion_loss(model: Colorizer, batches: Iterator[TrainingBatch], stage: str, seed: int) -> float:
+def mean_diffusion_loss(objective: TrainingStage, batches: Iterator[TrainingBatch], seed: int,
+                        device: torch.device, dtype: torch.dtype) -> float:
     """Sample-weighted mean of the stage's diffusion loss; one generator, seeded once, draws the noise,
     timesteps and dropout of every batch in turn."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     total, count = 0.0, 0
     for batch in batches:
-        batch = batch.to(model.device, model.dtype)
-        loss = batch_diffusion_loss(model, batch, stage, generator)
+        batch = batch.to(device, dtype)
+        loss = objective(batch, 0, generator=generator).diffusion_loss
         size = batch.latents.shape[0]
         total += float(loss) * size
         count += size
     return total / count
-
-
-def batch_diffusion_loss(model: Colorizer, batch: TrainingBatch, stage: str,
-                         generator: torch.Generator) -> torch.Tensor:
-    """One batch's diffusion loss under the stage's own training objective."""
-    cfg = model.config.diffusion
-    if stage == "backbone":
-        return training_step(model, batch, model.noise_scheduler, cfg, gram_weight=0.0,
-                             generator=generator).diffusion_loss
-    return plugin_training_step(model, model.plugin, batch, model.noise_scheduler, cfg,
-                                generator=generator).diffusion_loss
