@@ -13,17 +13,15 @@ rows into :class:`model.objective.TrainingBatch` es here. Three rules:
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
 from model.objective import STAGES, TrainingBatch
 from model.vector_condition import vector_condition
-from pipelines.data.tensor_cells import bytes_to_tensor
+from pipelines.data.tensor_cells import bytes_to_tensor, image_from_cell
 
 STAGE1_COLUMNS = ["width", "height", "source_width", "source_height", "sketches", "latents", "latents_shape",
                   "tagger_tokens", "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "tensor_dtype"]
@@ -36,14 +34,10 @@ def columns_for(stage: str) -> list[str]:
     return STAGE1_COLUMNS if stage == "backbone" else STAGE2_COLUMNS
 
 
-def _png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
-
-
 def decode_sample(row: dict, rng: random.Random, aesthetic_score: float, stage: str = "backbone") -> dict:
     """One stored row → per-sample tensors (no batch dimension)."""
     dtype = row["tensor_dtype"]
-    sketch = _png(rng.choice(list(row["sketches"])))
+    sketch = image_from_cell(rng.choice(list(row["sketches"])))
     sample = {
         "bucket": (int(row["width"]), int(row["height"])),
         "latents": bytes_to_tensor(row["latents"], row["latents_shape"], dtype),
@@ -56,8 +50,8 @@ def decode_sample(row: dict, rng: random.Random, aesthetic_score: float, stage: 
         if row.get("reference_latents") is None:
             raise ValueError("the plugin stage needs reference latents: preprocess with --latent-views target,reference")
         sample["reference_latents"] = bytes_to_tensor(row["reference_latents"], row["latents_shape"], dtype)
-        sample["sketch_mask"] = torch.from_numpy(_png(row["sketch_mask"]) > 127)[None].float()
-        sample["reference_mask"] = torch.from_numpy(_png(row["reference_mask"]) > 127)[None].float()
+        sample["sketch_mask"] = torch.from_numpy(image_from_cell(row["sketch_mask"]) > 127)[None].float()
+        sample["reference_mask"] = torch.from_numpy(image_from_cell(row["reference_mask"]) > 127)[None].float()
     return sample
 
 

@@ -92,7 +92,7 @@ def check_config(output: str, cfg: PreprocessConfig) -> None:
         if existing != cfg.to_json():
             changed = sorted(k for k in set(existing) | set(cfg.to_json()) if existing.get(k) != cfg.to_json().get(k))
             raise ValueError(f"{output} was made with other settings ({', '.join(changed)} differ); "
-                             f"use a new --output or the original settings")
+                             f"use a new --out or the original settings")
     else:
         fs.makedirs(root, exist_ok=True)
         with fs.open(path, "wb") as f:

@@ -97,7 +97,7 @@ def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: 
           + (f"; {plan.ignored} non-image files ignored" if plan.ignored else ""), flush=True)
     if plan.new_inputs:
         print(f"[preprocess] {plan.new_inputs} inputs appeared after this dataset was planned and are not part "
-              f"of it; preprocess them into a new --output", flush=True)
+              f"of it; preprocess them into a new --out", flush=True)
 
     if pending:
         gpus = options.gpus_per_encoder

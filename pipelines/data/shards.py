@@ -33,11 +33,11 @@ import torch
 from model.config import get_preset
 from model.geometry import buckets_for, crop_to_bucket, letterbox, nearest_bucket
 from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
-from model.masks import reference_foreground, sketch_foreground
 from model.line_art import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
+from model.masks import reference_foreground, sketch_foreground
 from pipelines.data.corpus import InputItem, read_shard_bytes
 from pipelines.data.layout import DATA, DATA_COLUMNS, ERROR_COLUMNS, ERRORS, MARKERS, shard_file
-from pipelines.data.tensor_cells import tensor_to_bytes
+from pipelines.data.tensor_cells import image_from_cell, tensor_to_bytes
 
 LATENT_VIEWS = ("target", "reference")
 
@@ -95,11 +95,6 @@ def jpeg_bytes(rgb: np.ndarray, quality: int) -> bytes:
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return data.tobytes()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    return array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
 def table_to_bytes(table: pa.Table) -> bytes:
@@ -257,7 +252,7 @@ class ShardEncoder:
             for row, drawing in zip(chunk, drawings[:, 0]):
                 row["sketches"][position] = png_bytes(invert(drawing))
         if self.segmenter is not None:
-            sketch_rgb = torch.from_numpy(np.stack([decode_png(r["sketches"][0]) for r in chunk]))
+            sketch_rgb = torch.from_numpy(np.stack([image_from_cell(r["sketches"][0]) for r in chunk]))
             sketch_rgb = (255 - sketch_rgb)[:, None].expand(-1, 3, -1, -1).to(self.device, self.dtype) / 255
             for key, images in (("sketch_mask", sketch_rgb), ("reference_mask", reference)):
                 masks = self.segmenter.mask(images).cpu().numpy()

@@ -27,10 +27,11 @@ import torch
 
 from model.gram import gram_matrix
 from model.images import image_to_tensor, sketch_to_tensor
-from model.vae import encode_latents
-from model.vector_condition import vector_condition
 from model.line_art import CLASSIC_EXTRACTORS, invert
 from model.options import ColorizeOptions
+from model.vae import encode_latents
+from model.vector_condition import vector_condition
+from pipelines.data.tensor_cells import image_from_cell
 
 
 @dataclass
@@ -62,13 +63,6 @@ def line_f_score(lines: np.ndarray, reference_lines: np.ndarray, tolerance: int)
     precision = float((lines & near_reference).sum() / lines.sum())
     recall = float((reference_lines & near_lines).sum() / reference_lines.sum())
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
-def _decode(data: bytes, flags: int) -> np.ndarray:
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if array is None:
-        raise ValueError("an image of the held-out rows cannot be decoded")
-    return array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
 @torch.no_grad()
@@ -107,13 +101,13 @@ def spatial_entanglement(model, rows: list[dict], *, shift: int = 1, timesteps: 
     if fallback_extractor not in CLASSIC_EXTRACTORS:
         raise ValueError(f"unknown line extractor {fallback_extractor!r}; expected one of {sorted(CLASSIC_EXTRACTORS)}")
     generator = torch.Generator().manual_seed(seed)
-    truths = [_decode(r["image"], cv2.IMREAD_COLOR) for r in rows]
+    truths = [image_from_cell(r["image"], cv2.IMREAD_COLOR) for r in rows]
     per_layer: dict[str, list[float]] = {}
     aligned_scores, misaligned_scores, used = [], [], []
     for i, row in enumerate(rows):
         other = truths[(i + shift) % len(rows)]
         sketches = list(row["sketches"])
-        drawing = invert(_decode(sketches[sketch_variant % len(sketches)], cv2.IMREAD_GRAYSCALE))
+        drawing = invert(image_from_cell(sketches[sketch_variant % len(sketches)], cv2.IMREAD_GRAYSCALE))
         for name, value in _gram_distances(model, truths[i], truths[i], other, drawing, tuple(timesteps),
                                            generator).items():
             per_layer.setdefault(name, []).append(value)

@@ -29,10 +29,22 @@ from tqdm import tqdm
 from model.colorizer import read_config
 from model.options import ColorizeOptions
 from pipelines.data.layout import read_rows
+from pipelines.data.tensor_cells import image_from_cell
 from pipelines.evaluation.deform import Deformation, deform_reference, draw_deformation
-from pipelines.evaluation.metrics import (PSNR_CAP_DB, ExtractorChoice, PixelMetrics, build_extractor,
-                                          choose_clip_extractor, choose_fid_extractor, clip_metric_name, cosine,
-                                          fid_metric_name, frechet_distance, ms_ssim_settings, table1_arrow)
+from pipelines.evaluation.metrics import (
+    PSNR_CAP_DB,
+    ExtractorChoice,
+    PixelMetrics,
+    build_extractor,
+    choose_clip_extractor,
+    choose_fid_extractor,
+    clip_metric_name,
+    cosine,
+    fid_metric_name,
+    frechet_distance,
+    ms_ssim_settings,
+    table1_arrow,
+)
 
 PAPER_TABLE1 = {"fid": 8.28, "psnr": 28.83, "ms_ssim": 0.70, "clip_cosine": 0.912}
 ROW_COLUMNS = ["id", "image", "sketches", "width", "height"]
@@ -145,13 +157,6 @@ def reference_images(dataset: str, plan: EvaluationPlan) -> dict[str, bytes]:
 
 
 # ------------------------------------------------------------------------------------------ work
-def _decode(data: bytes, flags: int) -> np.ndarray:
-    array = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    if array is None:
-        raise ValueError("an image of the dataset cannot be decoded")
-    return array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
-
-
 def _as_batch(images: list[np.ndarray]) -> torch.Tensor:
     """(H, W, 3) uint8 arrays → (B, 3, H, W) uint8."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
@@ -194,12 +199,12 @@ class BatchEvaluator:
             drawings, randoms, deformed, targets = [], [], [], []
             for i in members:
                 row, spec = rows[i], specs[i]
-                truth = _decode(row["image"], cv2.IMREAD_COLOR)
+                truth = image_from_cell(row["image"], cv2.IMREAD_COLOR)
                 sketches = list(row["sketches"])
-                drawings.append(invert(_decode(sketches[spec.sketch_variant % len(sketches)], cv2.IMREAD_GRAYSCALE)))
+                drawings.append(invert(image_from_cell(sketches[spec.sketch_variant % len(sketches)], cv2.IMREAD_GRAYSCALE)))
                 if spec.reference_id not in self.references:
                     raise KeyError(f"reference image {spec.reference_id} was not loaded for sample {spec.index}")
-                randoms.append(_decode(self.references[spec.reference_id], cv2.IMREAD_COLOR))
+                randoms.append(image_from_cell(self.references[spec.reference_id], cv2.IMREAD_COLOR))
                 deformed.append(deform_reference(truth, spec.deformation))
                 same = truth.shape[:2] == (height, width)
                 targets.append(truth if same else resize(truth, width, height))
