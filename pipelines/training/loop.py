@@ -33,7 +33,7 @@ from model.plugin import PluginConfig, attach_plugin
 from model.vae import decode_latents
 from model.visualize import figure_image, gram_figure, grid, sketch_image
 from pipelines.data.batches import BucketBatcher, epoch_batches, rows_of
-from pipelines.training.progress import Progress
+from pipelines.training.progress import Progress, write_line
 from pipelines.training.stages import STAGES, build_stage
 from pipelines.training.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRAINING_RECORD, Tracker
 
@@ -133,7 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
             _, client_state = engine.load_checkpoint(folder, tag="state")
         step, run_id = int(client_state["step"]), client_state.get("mlflow_run_id")
         if rank == 0:
-            print(f"[train] resumed from step {step} of {cfg.steps}", flush=True)
+            write_line(f"[train] resumed from step {step} of {cfg.steps}")
     tracker = Tracker(cfg, run_id, active=rank == 0,
                       extra_params={"preset": preset_name(colorizer.config)})
     progress = Progress(f"train {cfg.stage}", cfg.steps, every=cfg.log_every, first_step=step, active=rank == 0)

@@ -1,13 +1,23 @@
 """Progress lines for long loops, in the shape people who train models read: ``step i/N``, the loss, the
 throughput and an ETA, printed at a steady cadence (every ``every`` steps and at the last one).
 
-Plain prints (flushed) rather than a progress bar: Ray Train forwards worker stdout line by line to the
-driver and to ``ray job logs``, where a redrawn bar would arrive as hundreds of fragments.
+Plain lines (flushed) rather than a progress bar: Ray Train forwards worker stdout line by line to the
+driver and to ``ray job logs``, where a redrawn bar would arrive as hundreds of fragments. The lines are
+written to ``sys.stdout`` directly: Ray Train 2.x patches ``print`` in its workers to tee into its own
+logger as well, so a plain ``print`` reaches the driver twice.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+
+
+def write_line(text: str, flush: bool = True) -> None:
+    """One line to stdout, bypassing a patched ``print``."""
+    sys.stdout.write(text + "\n")
+    if flush:
+        sys.stdout.flush()
 
 
 def format_seconds(seconds: float) -> str:
@@ -27,7 +37,7 @@ class Progress:
     first step it ran), so it is honest after restarts and settles as the run goes on."""
 
     def __init__(self, name: str, total: int, *, every: int = 10, first_step: int = 0, active: bool = True,
-                 clock=time.perf_counter, out=print):
+                 clock=time.perf_counter, out=write_line):
         if every < 1:
             raise ValueError(f"every must be positive, got {every}")
         self.name, self.total, self.every, self.active = name, total, every, active
