@@ -21,7 +21,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -72,6 +72,7 @@ def read_state_dict(
     path: PathLike,
     prefixes: tuple[str, ...] | None = None,
     strip: tuple[str, ...] = (DDP_PREFIX,),
+    dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or a ``torch.save`` file (``.ckpt/.pt/.pth/.bin``), on the CPU.
 
@@ -80,6 +81,8 @@ def read_state_dict(
     with one of them after stripping are kept; a safetensors file then reads nothing else, which matters
     when taking a 300 MB VAE out of a 7 GB single-file checkpoint. A torch file's state dict nested under
     one of :data:`WRAPPER_KEYS` is unwrapped. The suffix decides the format, in any letter case.
+    ``dtype``: floating-point tensors are cast to it one by one as they are read, so a file never sits in
+    memory at its stored precision and at the target one at once (integer tensors keep theirs).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the path for anything that
     is not a readable mapping of names to tensors.
@@ -88,10 +91,37 @@ def read_state_dict(
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if _is_safetensors(path):
-        return _read_safetensors(path, prefixes, strip)
+        return _read_safetensors(path, prefixes, strip, dtype)
     state = _unwrap(_torch_load(path), path)
     names = _kept_names(state, path, prefixes, strip)
-    return {name: state[stored] for stored, name in names.items()}
+    return {name: cast(state[stored], dtype) for stored, name in names.items()}
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` at ``dtype`` when it is floating point and ``dtype`` is given; otherwise as it is."""
+    if dtype is None or not tensor.is_floating_point() or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
+
+
+def tensor_shapes(path: PathLike, prefixes: tuple[str, ...] | None = None,
+                  strip: tuple[str, ...] = (DDP_PREFIX,)) -> dict[str, tuple[int, ...]]:
+    """Name → shape of the tensors :func:`read_state_dict` would return, without reading their data
+    (a safetensors header; a zip-format torch file is memory-mapped). For deciding what a file is, and
+    refusing it, before reading gigabytes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if _is_safetensors(path):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                names = _kept_names(file.keys(), path, prefixes, strip)
+                return {name: tuple(file.get_slice(stored).get_shape()) for stored, name in names.items()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read safetensors file {path}: {err}") from err
+    state = _unwrap(_torch_load(path), path)
+    names = _kept_names(state, path, prefixes, strip)
+    return {name: shape_of(state[stored]) for stored, name in names.items()}
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -107,12 +137,12 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _read_safetensors(
-    path: Path, prefixes: tuple[str, ...] | None, strip: tuple[str, ...]
+    path: Path, prefixes: tuple[str, ...] | None, strip: tuple[str, ...], dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
             names = _kept_names(file.keys(), path, prefixes, strip)
-            return {name: file.get_tensor(stored) for stored, name in names.items()}
+            return {name: cast(file.get_tensor(stored), dtype) for stored, name in names.items()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read safetensors file {path}: {err}") from err
 
@@ -251,6 +281,89 @@ def check_and_load(
     logger.info("loaded %d tensors into %s from %s", len(fit.to_load) - len(fit.skipped), type(module).__name__,
                 source_path)
     return LoadReport(source_path, tuple(fit.skipped), tuple(fit.recomputed))
+
+
+def build_and_load(
+    build: Callable[[], nn.Module],
+    state_dict: Mapping[str, torch.Tensor],
+    source_path: PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    allow_shape_mismatch_prefixes: tuple[str, ...] = (),
+    target: str | None = None,
+) -> tuple[nn.Module, LoadReport]:
+    """``build()`` the module and fill it from ``state_dict`` strictly, without a random-init detour.
+
+    The module is built on the meta device (shapes only, no memory, no init) and the file's tensors,
+    cast to ``dtype`` (default: the dtype the module builds with), become its parameters
+    (``load_state_dict(assign=True)``): loading a 2.6B-parameter U-Net in bf16 holds the bf16 tensors
+    once, never an fp32 copy. Non-persistent buffers (not in any file) are then recomputed by
+    :func:`materialize_buffers`, and nothing may remain on the meta device.
+
+    When the file fits only by keeping some module tensors (shape mismatches under
+    ``allow_shape_mismatch_prefixes``), those tensors need their real initial values, so the module is
+    built for real instead and loaded with :func:`check_and_load`, then cast. Misfits raise the same
+    ``ValueError`` as :func:`check_and_load`.
+    """
+    source_path = Path(source_path)
+    with torch.device("meta"):
+        module = build()
+    target = target or f"the {type(module).__name__} built from the config"
+    expected = module.state_dict()
+    fit = _fit(module, expected, state_dict, allow_shape_mismatch_prefixes, ())
+    if not fit.fits:
+        raise ValueError(_misfit_message(fit, expected, state_dict, source_path, target))
+    if fit.skipped:
+        module = build()
+        report = check_and_load(module, state_dict, source_path,
+                                allow_shape_mismatch_prefixes=allow_shape_mismatch_prefixes, target=target)
+        return (module.to(dtype) if dtype is not None else module), report
+    to_load = {key: cast(tensor, dtype if dtype is not None else expected[key].dtype)
+               for key, tensor in fit.to_load.items()}
+    try:
+        module.load_state_dict(to_load, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"{source_path}: cannot load into {target}: {err}") from err
+    del to_load
+    materialize_buffers(module, dtype)
+    logger.info("loaded %d tensors into %s from %s", len(fit.to_load), type(module).__name__, source_path)
+    return module, LoadReport(source_path, (), tuple(fit.recomputed))
+
+
+def materialize_buffers(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Recompute the buffers still on the meta device after an ``assign`` load (the non-persistent ones,
+    which no file holds), then check that no parameter or buffer is left there.
+
+    Each owning submodule gets real tensors of the buffers' shapes (floating ones at ``dtype`` when given,
+    as ``module.to(dtype)`` would leave them) and fills them with its own ``init_non_persistent_buffers()``
+    (timm's name for it; SwinV2 derives its relative-position tables and shifted-window masks there from
+    the config, on the device and dtype of its loaded weights). A module with meta buffers and no such
+    method is a ``ValueError`` naming the buffers: the caller must compute them another way.
+    """
+    for prefix, sub in module.named_modules():
+        meta = [name for name, buffer in sub._buffers.items() if buffer is not None and buffer.is_meta]
+        if not meta:
+            continue
+        init = getattr(sub, "init_non_persistent_buffers", None)
+        if init is None:
+            names = [f"{prefix}.{name}" if prefix else name for name in meta]
+            raise ValueError(f"{type(sub).__name__} has buffers that are in no weights file and that it "
+                             f"cannot recompute (no init_non_persistent_buffers):{listing(names)}")
+        device = next((t.device for t in sub.parameters() if not t.is_meta), torch.device("cpu"))
+        for name in meta:
+            buffer = sub._buffers[name]
+            want = dtype if (dtype is not None and buffer.is_floating_point()) else buffer.dtype
+            sub._buffers[name] = torch.empty(buffer.shape, dtype=want, device=device)
+        init()
+    left = meta_tensors(module)
+    if left:
+        raise ValueError(f"{type(module).__name__}: {len(left)} tensors are still unmaterialized (meta) after "
+                         f"loading:{listing(left)}")
+
+
+def meta_tensors(module: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``module`` that are on the meta device (no data)."""
+    return [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
 
 
 def _fit(
