@@ -49,14 +49,14 @@ class VAEConfig:
 
 @dataclass(frozen=True)
 class SketchEncoderConfig:
-    """Conv stem to 1/8 of the image, then one level per U-Net injection point.
+    """Conv stem to 1/8 of the image, then one level per U-Net injection point (the published encoder).
 
-    ``stem_channels`` are the widths of the three stride-2 stages of the stem (plus the full-resolution
-    input stage). ``attention_head_dim`` sets the head width of the coarse-to-fine attention layer, whose
-    width is the last injection point's channel count.
+    ``in_channels``: the sketch is an RGB drawing (3), inverted. ``stem_channels`` are the widths of the
+    full-resolution stage and the three stride-2 stages of the stem. ``attention_head_dim`` sets the head
+    width of the multi-scale attention layer, whose width is the last injection point's channel count.
     """
 
-    in_channels: int = 1
+    in_channels: int = 3
     stem_channels: tuple[int, ...] = (16, 32, 96, 256)
     attention_head_dim: int = 128
 
@@ -102,9 +102,9 @@ class ClipVisionConfig:
 
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """Fusion of CLIP and WD tokens into the cross-attention context."""
+    """Fusion of CLIP and WD tokens into the cross-attention context (published: 10 heads of 128 at 1280)."""
 
-    attention_head_dim: int = 64
+    attention_head_dim: int = 128
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,7 @@ class SamplingConfig:
     reference_guidance: float = 4.5
     sketch_guidance: float = 1.0
     aesthetic_score: float = 7.0
+    sampler: str = "dpmpp_3m_sde"  # a name of model.options.SAMPLERS; the published model's sampler
     default_area: int = 1024 * 1024
     min_side: int = 768
     max_side: int = 1536

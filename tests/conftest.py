@@ -30,11 +30,12 @@ def tiny_colorizer(tiny_config):
 
 
 def _wake_up(model):
-    """Give the zero-initialized sketch-encoder outputs small random weights, as after some training, so
-    tests can see the sketch reach the U-Net (a fresh encoder adds exactly nothing by design)."""
+    """Give the zero-initialized sketch-encoder layers (the stem's last conv and the outputs) small random
+    weights, as after some training, so tests can see the sketch reach the U-Net (a fresh encoder adds
+    exactly nothing by design)."""
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for conv in model.sketch_encoder.outputs:
+        for conv in [model.sketch_encoder.model[-1], *model.sketch_encoder.proj_outs]:
             conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.05)
 
 

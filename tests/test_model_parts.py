@@ -66,7 +66,7 @@ def test_fresh_sketch_encoder_adds_nothing_and_strengths_scale_each_point(tiny_c
     encoder = SketchEncoder(tiny_config.sketch_encoder, injection_points(tiny_config.unet))
     sketch = torch.rand(1, 1, 64, 64) * 2 - 1
     assert all(r.abs().max() == 0 for r in encoder(sketch))
-    for conv in encoder.outputs:
+    for conv in [encoder.model[-1], *encoder.proj_outs]:
         torch.nn.init.normal_(conv.weight, std=0.1)
     full = encoder(sketch)
     scaled = encoder(sketch, strengths=[0.0, 0.5, 1.0, 2.0])
