@@ -28,7 +28,7 @@ from model.images import image_to_tensor, sketch_to_tensor, tensor_to_image
 from model.options import ColorizeOptions
 from model.plugin import plugin_inputs
 from model.projector import ReferenceProjector
-from model.reference_encoders import ClipImageEncoder, WDTagger, freeze, pad_to_square
+from model.reference_encoders import ClipImageEncoder, Images, WDTagger, freeze
 from model.sampler import training_scheduler
 from model.sizes import fit_size, validate_size
 from model.sketch_encoder import SketchEncoder
@@ -224,9 +224,12 @@ class Colorizer(nn.Module):
         return validate_size(*size, **limits)
 
     @torch.no_grad()
-    def encode_reference(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] → context (B, N, D) for cross-attention."""
-        images = images.to(self.device, self.dtype)
+    def encode_reference(self, images: Images) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1], or a list of (1, 3, H_i, W_i) of any sizes → context (B, N, D)."""
+        if isinstance(images, torch.Tensor):
+            images = images.to(self.device, self.dtype)
+        else:
+            images = [x.to(self.device, self.dtype) for x in images]
         return self.projector(self.clip(images), self.tagger(images).tokens)
 
     @torch.no_grad()
@@ -262,33 +265,65 @@ class Colorizer(nn.Module):
             if len(background_references) != len(references):
                 raise ValueError(f"got {len(background_references)} background references for "
                                  f"{len(references)} references")
+        first = image_to_tensor(sketches[0])
+        width, height = self.output_size((first.shape[-1], first.shape[-2]), options.size)
+        sketch = torch.cat([sketch_to_tensor(x, (width, height)) for x in sketches])
+        reference_images = [image_to_tensor(x) for x in references]
+        split_kwargs = None
+        if options.plugin:
+            context = self.encode_reference(reference_images)
+            vector = vector_condition(height, width, options.aesthetic_score, batch=len(sketches), device=self.device)
+            guidance = Guidance(options.reference_guidance, options.sketch_guidance)
+            split_kwargs = self._plugin_attention(sketches, references, background_references, (width, height),
+                                                  context, vector, guidance, options)
+        else:
+            context = None
+        return tensor_to_image(self._sample(sketch, reference_images, options, seeds, split_kwargs, None, context))
+
+    @torch.no_grad()
+    def colorize_tensors(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions | None = None, *,
+                         seeds: list[int], noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor-level entry: ``sketch`` (B, 3, H, W) already in model space (inverted, letterboxed,
+        in [-1, 1], H and W on the size grid), ``references`` RGB in [0, 1] (a batch, or a list of single
+        images of any sizes) → decoded images (B, 3, H, W) in [-1, 1].
+
+        ``noise`` (B, C, H/8, W/8) replaces the seeds' initial noise (the seeds still drive the solver's
+        fresh noise): what a parity check against another implementation needs. The plugin needs the
+        drawings themselves for its masks, so stage 2 runs through :meth:`colorize_batch` only.
+        """
+        options = (options if options is not None else ColorizeOptions(plugin=False)).resolved(
+            self.config, self.plugin.config if self.plugin is not None else None)
+        if options.plugin:
+            raise ValueError("colorize_tensors runs without the plugin (pass plugin=False); "
+                             "stage 2 runs through colorize_batch")
+        if sketch.shape[0] != len(seeds):
+            raise ValueError(f"got {sketch.shape[0]} sketches and {len(seeds)} seeds")
+        multiple = self.config.size_multiple
+        if sketch.shape[-1] % multiple or sketch.shape[-2] % multiple:
+            raise ValueError(f"sketch size {sketch.shape[-1]}x{sketch.shape[-2]} is not a multiple of {multiple}")
+        return self._sample(sketch, references, options, seeds, None, noise)
+
+    def _sample(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions, seeds: list[int],
+                split_kwargs: dict | None, noise: torch.Tensor | None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """Resolved ``options`` → decoded images (B, 3, H, W) in [-1, 1]: the one sampling path
+        (``context``: the references' context when the caller has it already)."""
         points = len(self.sketch_encoder.points)
         if options.sketch_strengths is not None and len(options.sketch_strengths) != points:
             raise ValueError(f"sketch_strengths needs {points} values (one per injection point), "
                              f"got {len(options.sketch_strengths)}")
-        guidance = Guidance(options.reference_guidance, options.sketch_guidance)
-        first = image_to_tensor(sketches[0])
-        width, height = self.output_size((first.shape[-1], first.shape[-2]), options.size)
+        height, width = sketch.shape[-2:]
         device, dtype = self.device, self.dtype
-
-        sketch = torch.cat([sketch_to_tensor(x, (width, height)) for x in sketches]).to(device, dtype)
-        context = self._reference_context(references, options.reference_strength)
-        vector = vector_condition(height, width, options.aesthetic_score, batch=len(sketches), device=device)
-        split_kwargs = None
-        if options.plugin:
-            split_kwargs = self._plugin_attention(sketches, references, background_references, (width, height),
-                                                  context, vector, guidance, options)
+        if context is None:
+            context = self.encode_reference(references)
+        vector = vector_condition(height, width, options.aesthetic_score, batch=sketch.shape[0], device=device)
         sketch_strengths = None if options.sketch_strengths is None else list(options.sketch_strengths)
-        latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context, sketch=sketch,
-                                   vector=vector, seeds=seeds, steps=options.steps, guidance=guidance,
-                                   sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs)
-        return tensor_to_image(decode_latents(self.vae, latents))
-
-    def _reference_context(self, images: list, strength: float) -> torch.Tensor:
-        """References of any sizes → their cross-attention context (B, N, D), scaled by ``strength``."""
-        side = max(self.config.tagger.image_size, self.config.clip.image_size)
-        squares = torch.cat([_square_reference(image_to_tensor(x), side) for x in images])
-        return self.encode_reference(squares) * strength
+        latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context,
+                                   sketch=sketch.to(device, dtype), vector=vector, seeds=seeds, steps=options.steps,
+                                   guidance=Guidance(options.reference_guidance, options.sketch_guidance),
+                                   sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
+                                   reference_strength=options.reference_strength, noise=noise)
+        return decode_latents(self.vae, latents)
 
     def _plugin_attention(self, sketches: list, references: list, background_references: list | None,
                           size: tuple[int, int], context: torch.Tensor, vector: torch.Tensor, guidance: Guidance,
@@ -307,8 +342,7 @@ class Colorizer(nn.Module):
         if background_references is not None and any(b is not None for b in background_references):
             given = [i for i, b in enumerate(background_references) if b is not None]
             background = context.clone()
-            background[given] = self._reference_context([background_references[i] for i in given],
-                                                        options.reference_strength)
+            background[given] = self.encode_reference([image_to_tensor(background_references[i]) for i in given])
             per_condition = {"full": background, "no_reference": torch.zeros_like(background),
                              "no_sketch": background}
             background_context = torch.cat([per_condition[c] for c in guidance.conditions])
@@ -317,10 +351,3 @@ class Colorizer(nn.Module):
                                       background_strength=options.background_strength,
                                       mask_threshold=options.mask_threshold)
 
-
-def _square_reference(image: torch.Tensor, side: int) -> torch.Tensor:
-    """Pad to a white square and resize to ``side``: what both encoders do anyway, done once up front so
-    references of different sizes batch together."""
-    square = pad_to_square(image)
-    mode = "area" if square.shape[-1] >= side else "bicubic"
-    return torch.nn.functional.interpolate(square, size=(side, side), mode=mode).clamp(0, 1)

@@ -1,8 +1,9 @@
 """Conversions between user images (PIL / uint8 arrays) and model tensors.
 
 Colors: RGB floats in [0, 1] for the encoders, [-1, 1] for the VAE. Sketches: users hand in ordinary
-drawings (dark lines on a light page); the model sees them inverted, lines bright on a dark field in
-[-1, 1], so that an all −1 image means "no sketch".
+drawings (dark lines on a light page); the model sees them as RGB inverted, lines bright on a dark field
+in [-1, 1], so that an all −1 image means "no sketch". A drawing is letterboxed into the output size (its
+aspect kept, the margins empty), as the published model's own preprocessing does.
 """
 
 from __future__ import annotations
@@ -40,17 +41,27 @@ def image_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 255
 
 
-def sketch_to_tensor(image, size: tuple[int, int]) -> torch.Tensor:
-    """A drawing (dark lines on light) → (1, 1, height, width) inverted sketch in [-1, 1] at ``size``."""
+def letterbox(image: Image.Image, size: tuple[int, int], fill=(255, 255, 255)) -> Image.Image:
+    """``image`` scaled (bicubic, aspect kept) to fit ``size`` = (width, height) and centered on ``fill``."""
     width, height = size
-    gray = image_to_tensor(image).mean(dim=1, keepdim=True)
-    gray = F.interpolate(gray, size=(height, width), mode="area" if gray.shape[-1] >= width else "bicubic")
-    return (1 - gray.clamp(0, 1)) * 2 - 1
+    scale = min(height / image.height, width / image.width)
+    inner = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    canvas = Image.new(image.mode, (width, height), fill)
+    canvas.paste(image.resize(inner, Image.Resampling.BICUBIC), ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    return canvas
 
 
-def empty_sketch(batch: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+def sketch_to_tensor(image, size: tuple[int, int]) -> torch.Tensor:
+    """A drawing (dark lines on light, PIL or uint8 array) → (1, 3, height, width) inverted RGB sketch in
+    [-1, 1], letterboxed into ``size`` = (width, height): the margins are empty (−1)."""
+    page = letterbox(Image.fromarray(to_rgb_array(image)), size)
+    rgb = torch.from_numpy(np.asarray(page).copy()).permute(2, 0, 1)[None].float() / 255
+    return 1 - 2 * rgb
+
+
+def empty_sketch(batch: int, height: int, width: int, device=None, dtype=torch.float32, channels: int = 3) -> torch.Tensor:
     """The "no sketch" input: all −1 (used by sketch dropout and sketch-unconditional guidance)."""
-    return torch.full((batch, 1, height, width), -1.0, device=device, dtype=dtype)
+    return torch.full((batch, channels, height, width), -1.0, device=device, dtype=dtype)
 
 
 def tensor_to_image(images: torch.Tensor) -> list[Image.Image]:

@@ -1,9 +1,11 @@
 """Frozen reference encoders: WD-Tagger (timm SwinV2) and the OpenCLIP ViT image tower.
 
 Both return token features, not pooled vectors: the projector fuses them into the cross-attention
-context. Both take RGB images in [0, 1] of any size and aspect: a reference is padded to a square with
-white (illustrations sit on white; a crop would drop part of the reference) and resized to the
-encoder's input size. Their outputs for a corpus are what the preprocess job caches.
+context. Both take RGB images in [0, 1] of any size and aspect and prepare them as the published
+ColorizeDiffusionXL model was trained to see them: the whole reference is stretched to the encoder's
+square input (bicubic, ``align_corners=True``, antialiased), with no padding or crop. The tagger then
+gets BGR in [-1, 1] (the WD tagger's own convention), CLIP its mean/std-normalized RGB. Their outputs for
+a corpus are what the preprocess job caches.
 """
 
 from __future__ import annotations
@@ -22,21 +24,22 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def pad_to_square(images: torch.Tensor, fill: float = 1.0) -> torch.Tensor:
-    """(B, 3, H, W) → (B, 3, S, S), S = max(H, W), the image centered on ``fill``."""
-    height, width = images.shape[-2:]
-    side = max(height, width)
-    top, left = (side - height) // 2, (side - width) // 2
-    return F.pad(images, (left, side - width - left, top, side - height - top), value=fill)
+Images = torch.Tensor | list[torch.Tensor]  # a batch (B, 3, H, W), or (1, 3, H_i, W_i) images of any sizes
 
 
-def square_resize(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    dtype = images.dtype
-    images = pad_to_square(images.float())  # resampled in float32: bf16 lacks antialiased bicubic on CPU
-    images = F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-    mean = images.new_tensor(mean).view(1, -1, 1, 1)
-    std = images.new_tensor(std).view(1, -1, 1, 1)
-    return ((images.clamp(0, 1) - mean) / std).to(dtype)
+def stretch_to_square(images: Images, size: int) -> torch.Tensor:
+    """(B, 3, H, W), or a list of (1, 3, H_i, W_i) → (B, 3, size, size), each image stretched (aspect not
+    kept) with antialiased bicubic and ``align_corners=True``, in float32 (bf16 lacks antialiased bicubic
+    on CPU). Not clamped: the published encoders saw the overshoot of the bicubic kernel too. Images of
+    different sizes are resized one by one, so batching never changes an image's result."""
+    if isinstance(images, torch.Tensor):
+        images = [images]
+    return torch.cat([F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=True, antialias=True)
+                      for x in images])
+
+
+def _dtype_of(images: Images) -> torch.dtype:
+    return (images if isinstance(images, torch.Tensor) else images[0]).dtype
 
 
 @dataclass
@@ -65,11 +68,13 @@ class WDTagger(nn.Module):
         if len(self.tags) != cfg.num_tags:
             raise ValueError(f"{len(self.tags)} tag names for a tagger with {cfg.num_tags} outputs")
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return square_resize(images, self.cfg.image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    def prepare(self, images: Images) -> torch.Tensor:
+        """RGB in [0, 1] → the tagger's input: BGR in [-1, 1] at its square size."""
+        square = stretch_to_square(images, self.cfg.image_size) * 2 - 1
+        return square.flip(1).to(_dtype_of(images))
 
-    def forward(self, images: torch.Tensor) -> TaggerOutput:
-        """``images``: (B, 3, H, W) RGB in [0, 1]."""
+    def forward(self, images: Images) -> TaggerOutput:
+        """``images``: (B, 3, H, W) RGB in [0, 1], or a list of single images of any sizes."""
         features = self.model.forward_features(self.prepare(images))  # (B, h, w, C), normed
         logits = self.model.forward_head(features)
         return TaggerOutput(tokens=features.flatten(1, 2), logits=logits)
@@ -91,11 +96,16 @@ class ClipImageEncoder(nn.Module):
             output_dim=cfg.embed_dim,
         )
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return square_resize(images, self.cfg.image_size, CLIP_MEAN, CLIP_STD)
+    def prepare(self, images: Images) -> torch.Tensor:
+        """RGB in [0, 1] → CLIP's input: mean/std-normalized RGB at its square size."""
+        square = stretch_to_square(images, self.cfg.image_size)
+        mean = square.new_tensor(CLIP_MEAN).view(1, -1, 1, 1)
+        std = square.new_tensor(CLIP_STD).view(1, -1, 1, 1)
+        return ((square - mean) / std).to(_dtype_of(images))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) RGB in [0, 1] → (B, 1 + grid², embed_dim); token 0 is the class token."""
+    def forward(self, images: Images) -> torch.Tensor:
+        """(B, 3, H, W) RGB in [0, 1] (or a list of single images of any sizes) → (B, 1 + grid², embed_dim);
+        token 0 is the class token."""
         visual = self.visual
         x = visual._embeds(self.prepare(images))
         x = visual.transformer(x)

@@ -8,6 +8,9 @@ does not offer:
   (and so also into the skip connections that those outputs feed);
 * the token features of the two Gram layers, the final transformer block of the encoder and of the
   decoder at the lowest resolution;
+* the reference strength of the published model: every cross-attention's output is scaled before its
+  output projection (``strength · W·attn + b``), which leaves the attention weights alone (scaling the
+  context instead would sharpen or flatten them);
 * the semantic-misaligned branch of the Gram loss in the same call: everything before the first
   cross-attention is identical for both branches and is computed once, the rest runs as one batch of
   ``2B`` and the misaligned half stops right after the decoder's Gram layer, since nothing later feeds
@@ -107,6 +110,15 @@ class ColorizerUNet(nn.Module):
         self._decoder_capture: list[torch.Tensor] | None = None
         decoder_attention = unet.get_submodule(self.decoder_gram_layer)
         decoder_attention.register_forward_hook(self._capture_decoder_output)
+        self._reference_strength = 1.0
+        for name, module in unet.named_modules():
+            if name.endswith(".attn2"):  # a pre-hook on the output projection works under every processor
+                module.to_out[0].register_forward_pre_hook(self._scale_cross_attention)
+
+    def _scale_cross_attention(self, module, args):
+        if self._reference_strength == 1.0:
+            return None
+        return (args[0] * self._reference_strength,) + tuple(args[1:])
 
     def _capture_decoder_output(self, module, args, output):
         if self._decoder_capture is not None:
@@ -130,13 +142,24 @@ class ColorizerUNet(nn.Module):
         misaligned_context: torch.Tensor | None = None,
         capture_gram_features: bool = False,
         cross_attention_kwargs: dict | None = None,
+        reference_strength: float = 1.0,
     ) -> DenoiserOutput:
         """Predict the target for ``latents`` (B, C, h, w) at ``timesteps`` (B,).
 
         ``context`` (B, N, D) feeds every cross-attention; ``vector_condition`` (B, 2) holds √(H·W) of the
         source and the aesthetic score; ``sketch_residuals`` follow :func:`injection_points`.
         With ``misaligned_context`` the misaligned branch runs too and only its Gram features come back.
+        ``reference_strength`` scales every cross-attention output before its output projection.
         """
+        self._reference_strength = float(reference_strength)
+        try:
+            return self._forward(latents, timesteps, context, vector_condition, sketch_residuals,
+                                 misaligned_context, capture_gram_features, cross_attention_kwargs)
+        finally:
+            self._reference_strength = 1.0
+
+    def _forward(self, latents, timesteps, context, vector_condition, sketch_residuals, misaligned_context,
+                 capture_gram_features, cross_attention_kwargs) -> DenoiserOutput:
         unet = self.unet
         batch = latents.shape[0]
         residuals = list(sketch_residuals) if sketch_residuals is not None else []

@@ -31,7 +31,11 @@ from pipelines.data.corpus import InputItem, Listing, list_inputs, plan_shards, 
 if TYPE_CHECKING:
     from pipelines.data.shards import PreprocessConfig
 
-SCHEMA_VERSION = 1
+# 2: the reference tokens are the published model's (WD tagger on BGR, both encoders on the stretched
+#    reference) and a dataset of version 1 holds tokens of the white-padded RGB reference. Tokens of the two
+#    kinds must never meet in one training run, so readers refuse any other version.
+SCHEMA_VERSION = 2
+SCHEMA_KEY = "schema_version"
 DATA_COLUMNS = ("id", "source", "shard", "ordinal", "width", "height", "source_width", "source_height", "image",
                 "sketches", "sketch_extractors", "sketch_mask", "reference_mask", "tagger_tokens",
                 "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "latents", "latents_shape",
@@ -89,6 +93,7 @@ def check_config(output: str, cfg: PreprocessConfig) -> None:
     if fs.exists(path):
         with fs.open(path, "rb") as f:
             existing = json.loads(f.read())
+        _require_schema(output, existing.pop(SCHEMA_KEY, 1))
         if existing != cfg.to_json():
             changed = sorted(k for k in set(existing) | set(cfg.to_json()) if existing.get(k) != cfg.to_json().get(k))
             raise ValueError(f"{output} was made with other settings ({', '.join(changed)} differ); "
@@ -96,7 +101,25 @@ def check_config(output: str, cfg: PreprocessConfig) -> None:
     else:
         fs.makedirs(root, exist_ok=True)
         with fs.open(path, "wb") as f:
-            f.write(json.dumps(cfg.to_json(), indent=2).encode())
+            f.write(json.dumps({SCHEMA_KEY: SCHEMA_VERSION, **cfg.to_json()}, indent=2).encode())
+
+
+def _require_schema(dataset: str, version) -> None:
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{dataset} is a dataset of schema version {version}; this code reads and writes version "
+                         f"{SCHEMA_VERSION} (the cached reference tokens changed with the published model's encoder "
+                         "inputs). Preprocess the corpus again into a new --out; versions are never mixed")
+
+
+def check_schema(dataset: str) -> None:
+    """Refuse a dataset written by another schema version (its manifest or, while in progress, its config)."""
+    fs, root = _fs(dataset)
+    for name in (MANIFEST_FILE, CONFIG_FILE):
+        path = f"{root}/{name}"
+        if fs.exists(path):
+            with fs.open(path, "rb") as f:
+                _require_schema(dataset, json.loads(f.read()).get(SCHEMA_KEY, 1))
+            return
 
 
 def read_marker(output: str, shard: int) -> dict | None:
@@ -128,7 +151,7 @@ def write_manifest(output: str, cfg: PreprocessConfig, plan: DatasetPlan, marker
     for marker in markers.values():
         column_bytes.update(marker["bytes"])
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        SCHEMA_KEY: SCHEMA_VERSION,
         "config": cfg.to_json(),
         "inputs": sum(len(s) for s in plan.shards),
         "shards": len(plan.shards),
@@ -158,11 +181,13 @@ def read_shard(output: str, shard: int, columns: list[str] | None = None, errors
 
 def read_all(output: str, columns: list[str] | None = None, errors: bool = False) -> pa.Table:
     """Every finished shard concatenated in shard order (small datasets, tests, evaluation sets)."""
+    check_schema(output)
     tables = [read_shard(output, s, columns, errors) for s in sorted(completed_shards(output))]
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def _shard_files(dataset: str) -> tuple[object, list[str]]:
+    check_schema(dataset)
     fs, root = _fs(dataset)
     shards = sorted(completed_shards(dataset))
     if not shards:
@@ -204,6 +229,7 @@ def finished_manifest(dataset: str) -> dict:
     manifest = read_manifest(dataset)
     if manifest is None:
         raise FileNotFoundError(f"{dataset} has no {MANIFEST_FILE}: is it a jobs/preprocess.py output?")
+    _require_schema(dataset, manifest.get(SCHEMA_KEY, 1))
     if not manifest.get("complete"):
         raise ValueError(f"{dataset} is not a finished dataset ({manifest.get('shards_done')}/{manifest.get('shards')} "
                          "shards): finish jobs/preprocess.py first")
