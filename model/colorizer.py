@@ -99,8 +99,10 @@ class Colorizer(nn.Module):
     # ----------------------------------------------------------------------------------------- building
     @classmethod
     def from_config(cls, config: ColorizerConfig, pretrained_paths: PretrainedPaths | None = None,
-                    placeholders: tuple[str, ...] = (), progress: bool = False) -> "Colorizer":
-        """Fresh model; published parts are loaded where ``pretrained_paths`` names them. Parts named in
+                    placeholders: tuple[str, ...] = (), progress: bool = False,
+                    dtype: torch.dtype | None = None) -> "Colorizer":
+        """Fresh model; published parts are loaded where ``pretrained_paths`` names them, at ``dtype`` (built
+        on the meta device and filled from the files, so no float32 copy is made first). Parts named in
         ``placeholders`` (from :data:`OPTIONAL_PARTS`) are built on the meta device: right shapes, no memory,
         unusable until loaded (a trainer needs no tagger, a preprocess encoder no U-Net). ``progress`` shows
         a bar over the published parts (assembling the sdxl preset reads about 10 GB)."""
@@ -117,11 +119,11 @@ class Colorizer(nn.Module):
             for name in placeholders:
                 parts[name] = builders[name]()
         loaders = {
-            "unet": paths.unet and (lambda: pretrained.load_unet(paths.unet, config.unet)),
-            "vae": paths.vae and (lambda: pretrained.load_vae(paths.vae, config.vae)),
+            "unet": paths.unet and (lambda: pretrained.load_unet(paths.unet, config.unet, dtype)),
+            "vae": paths.vae and (lambda: pretrained.load_vae(paths.vae, config.vae, dtype)),
             "tagger": paths.tagger_weights and (
-                lambda: pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger)),
-            "clip": paths.clip and (lambda: pretrained.load_clip_vision(paths.clip, config.clip)),
+                lambda: pretrained.load_tagger(paths.tagger_weights, paths.tagger_tags, config.tagger, dtype)),
+            "clip": paths.clip and (lambda: pretrained.load_clip_vision(paths.clip, config.clip, dtype)),
         }
         published = [(name, load) for name, load in loaders.items() if load]
         with tqdm(published, desc="load published weights", unit="part", disable=not (progress and published)) as bar:
@@ -202,7 +204,7 @@ class Colorizer(nn.Module):
             tagger_weights=folder / "tagger" / "model.safetensors" if wanted["tagger"] else None,
             tagger_tags=folder / "tagger" / "selected_tags.csv" if wanted["tagger"] else None,
             clip=folder / "clip" / "model.safetensors" if wanted["clip"] else None,
-        ), placeholders=placeholders)
+        ), placeholders=placeholders, dtype=dtype)
         for component in ("sketch_encoder", "projector"):
             path = folder / component / "model.safetensors"
             pretrained.check_and_load(getattr(model, component), pretrained.read_state_dict(path), path)
