@@ -237,6 +237,16 @@ def test_reference_context(published):
 RUNS = {"ref_cfg": (4.5, 1.0), "dual_cfg": (4.5, 1.5)}
 
 
+def test_sampler_sigmas():
+    """DPM++ 3M SDE's levels: exponential from the schedule's σ_max to σ_min, next-to-last dropped, then 0."""
+    from model.config import DiffusionConfig
+    from model.sampler import NoiseSchedule
+
+    data, settings = fixture("colorize")
+    sigmas = NoiseSchedule.from_config(DiffusionConfig()).exponential_sigmas(settings["steps"])
+    compare("sampler sigmas", sigmas, data["ref_cfg_sigmas"], rtol=1e-6, atol=1e-6)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("run", list(RUNS))
 def test_sampled_latents(unet, sketch_encoder, run):
