@@ -8,19 +8,25 @@ import torch
 
 from model.config import ColorizerConfig
 from model.guidance import Guidance, guided_prediction
-from model.sampler import dpmpp_sample, sampling_scheduler
+from model.sampler import sample
 
 
 @torch.no_grad()
 def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: torch.Tensor, sketch: torch.Tensor,
                      vector: torch.Tensor, seeds: list[int], steps: int, guidance: Guidance,
                      sketch_strengths: list[float] | None = None, cross_attention_kwargs: dict | None = None,
-                     reference_strength: float = 1.0, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Clean latents (B, C, h, w) for ``context`` (B, N, D), inverted ``sketch`` (B, 1, H, W) and
-    ``vector`` (B, 2). Each item's noise comes from its own seed; the sketch encoder runs once, not per
-    step, and only the guidance branches the setting needs are evaluated (as one batch).
-    ``reference_strength`` scales every cross-attention output (the published model's strength);
-    ``noise`` (B, C, h, w) replaces the seeds' initial noise."""
+                     reference_strength: float = 1.0, noise: torch.Tensor | None = None,
+                     sampler: str = "dpmpp_3m_sde") -> torch.Tensor:
+    """Clean latents (B, C, h, w) for ``context`` (B, N, D), inverted ``sketch`` (B, S, H, W) and
+    ``vector`` (B, 2), sampled with ``sampler`` (a name of :data:`model.options.SAMPLERS`). The sketch
+    encoder runs once, not per step, and only the guidance branches the setting needs are evaluated (as
+    one batch). ``reference_strength`` scales every cross-attention output (the published model's strength).
+
+    Each item depends on its own seed only. Its initial N(0, 1) noise is drawn from
+    ``torch.Generator("cpu").manual_seed(seed)``, unless ``noise`` (B, C, h, w) is given; the SDE's step
+    noise is a separate stream of the same seed: for DPM++ 3M SDE the seed is the entropy of the item's
+    Brownian tree (:class:`model.sampler.BrownianNoise`, numpy's SeedSequence, not torch's generator), for
+    the diffusers samplers a seed derived from it (:func:`model.sampler.step_noise_seed`)."""
     batch, _, height, width = sketch.shape
     device, dtype = sketch.device, sketch.dtype
     conditions = guidance.conditions
@@ -40,11 +46,10 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
                    cross_attention_kwargs=cross_attention_kwargs, reference_strength=reference_strength)
         return guided_prediction(dict(zip(conditions, out.prediction.float().chunk(k))), guidance)
 
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
     shape = (config.unet.latent_channels, height // config.latent_stride, width // config.latent_stride)
     if noise is None:
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed)))
+                             for seed in seeds])
     elif tuple(noise.shape) != (batch, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(batch, *shape)}")
-    noise = noise.to(device)
-    return dpmpp_sample(denoise, noise, sampling_scheduler(config.diffusion), steps, generator=generators)
+    return sample(denoise, noise.to(device, torch.float32), config.diffusion, steps, seeds=seeds, sampler=sampler)

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 MAX_STEPS = 200
 GUIDANCE_RANGE = (0.0, 30.0)  # what model.guidance.Guidance accepts
 REGION_STRENGTH_RANGE = (0.0, 10.0)  # what model.split_attention.split_attention_kwargs accepts
+# The samplers model.sampler.sample knows (named here, without torch, so requests are checked before the
+# model loads): the published model's DPM++ 3M SDE (k-diffusion's algorithm), then diffusers schedulers.
+SAMPLERS = ("dpmpp_3m_sde", "dpmpp_2m", "euler", "euler_ancestral", "ddim", "unipc")
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ColorizeOptions:
     - ``foreground_strength``, ``background_strength``: weight of each region's reference, 0..10
       (stage 2 only).
     - ``mask_threshold``: which tokens count as foreground, in [0, 1); ``None`` = the plugin's default.
+    - ``sampler``: one of :data:`SAMPLERS`; ``None`` = ``config.sampling.sampler``.
     """
 
     size: tuple[int, int] | None = None
@@ -62,6 +66,7 @@ class ColorizeOptions:
     foreground_strength: float = 1.0
     background_strength: float = 1.0
     mask_threshold: float | None = None
+    sampler: str | None = None
 
     def __post_init__(self):
         # Sequences become tuples and numbers plain floats, so equal settings compare (and hash) equal:
@@ -97,10 +102,12 @@ class ColorizeOptions:
             self._set_number(name, *REGION_STRENGTH_RANGE)
         if self.mask_threshold is not None:
             self._set_number("mask_threshold", 0.0, 1.0, high_inclusive=False)
+        if self.sampler is not None and (not isinstance(self.sampler, str) or self.sampler not in SAMPLERS):
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
 
     def resolved(self, config: ColorizerConfig, plugin: PluginConfig | None = None) -> ColorizeOptions:
-        """These options with the model's defaults filled in: steps, guidance and aesthetic score from
-        ``config.sampling``; ``plugin`` (the model's plugin config, ``None`` when it has no plugin) decides
+        """These options with the model's defaults filled in: steps, guidance, aesthetic score and sampler
+        from ``config.sampling``; ``plugin`` (the model's plugin config, ``None`` when it has no plugin) decides
         whether the plugin is on and gives the mask threshold. A given size is checked against the
         config's size grid. Raises ``ValueError`` for ``plugin=True`` on a model without a plugin."""
         s = config.sampling
@@ -118,6 +125,7 @@ class ColorizeOptions:
             plugin=plugin is not None if self.plugin is None else self.plugin,
             mask_threshold=(plugin.mask_threshold if self.mask_threshold is None and plugin is not None
                             else self.mask_threshold),
+            sampler=s.sampler if self.sampler is None else self.sampler,
         )
 
     def _set(self, name: str, value) -> None:

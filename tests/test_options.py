@@ -54,8 +54,8 @@ def test_resolved_fills_the_model_defaults_from_its_config():
     config = tiny()
     s = config.sampling
     resolved = ColorizeOptions().resolved(config)
-    assert (resolved.steps, resolved.reference_guidance, resolved.sketch_guidance, resolved.aesthetic_score) == (
-        s.steps, s.reference_guidance, s.sketch_guidance, s.aesthetic_score)
+    assert (resolved.steps, resolved.reference_guidance, resolved.sketch_guidance, resolved.aesthetic_score,
+            resolved.sampler) == (s.steps, s.reference_guidance, s.sketch_guidance, s.aesthetic_score, s.sampler)
     assert resolved.plugin is False and resolved.mask_threshold is None  # no plugin: off, and no threshold
     assert resolved.size is None  # its default depends on the sketch (Colorizer.output_size)
     assert resolved.resolved(config) == resolved
@@ -63,7 +63,7 @@ def test_resolved_fills_the_model_defaults_from_its_config():
     with_plugin = ColorizeOptions().resolved(config, PluginConfig(mask_threshold=0.25))
     assert (with_plugin.plugin, with_plugin.mask_threshold) == (True, 0.25)
     chosen = ColorizeOptions(size=(96, 64), steps=3, reference_guidance=2.0, sketch_guidance=1.5, aesthetic_score=5.0,
-                             plugin=False, mask_threshold=0.6)
+                             plugin=False, mask_threshold=0.6, sampler="ddim")
     assert chosen.resolved(config, PluginConfig()) == chosen  # what is given is kept
 
 
