@@ -324,7 +324,7 @@ class Colorizer(nn.Module):
                                    sketch=sketch.to(device, dtype), vector=vector, seeds=seeds, steps=options.steps,
                                    guidance=Guidance(options.reference_guidance, options.sketch_guidance),
                                    sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
-                                   reference_strength=options.reference_strength, noise=noise)
+                                   reference_strength=options.reference_strength, noise=noise, sampler=options.sampler)
         return decode_latents(self.vae, latents)
 
     def _plugin_attention(self, sketches: list, references: list, background_references: list | None,

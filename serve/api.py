@@ -17,7 +17,8 @@ Routes (errors are JSON ``{"error": message, "status": code}``):
   the model has one), ``format`` (``png``: image/png with the parameters in ``X-*`` headers;
   ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch is a
   colored or photographed drawing; its lines are extracted first with ``line_extractor``, one of the
-  weight-free extractors of :mod:`model.line_art`, default ``xdog``).
+  weight-free extractors of :mod:`model.line_art`, default ``xdog``), ``sampler`` (one of
+  :data:`model.options.SAMPLERS`; default the model's, the published DPM++ 3M SDE).
 - ``GET /``: the artists' web page (``serve/static/index.html``); it needs no token to load, and sends the
   one typed into it with each call.
 """
@@ -46,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.image_io import DecodeError, decode_image
 from model.line_art import CLASSIC_EXTRACTORS
-from model.options import ColorizeOptions
+from model.options import SAMPLERS, ColorizeOptions
 from model.sizes import fit_size, validate_size
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -108,6 +109,7 @@ class ModelInfo:
     sketch_guidance: float
     plugin: bool
     max_steps: int = MAX_STEPS
+    sampler: str = SAMPLERS[0]  # the model's default sampler
 
     @classmethod
     def from_config(cls, config, plugin: bool) -> "ModelInfo":
@@ -117,7 +119,8 @@ class ModelInfo:
         s = config.sampling
         return cls(preset=preset_name(config), size_multiple=config.size_multiple, min_side=s.min_side,
                    max_side=s.max_side, default_area=s.default_area, default_steps=min(s.steps, MAX_STEPS),
-                   reference_guidance=s.reference_guidance, sketch_guidance=s.sketch_guidance, plugin=plugin)
+                   reference_guidance=s.reference_guidance, sketch_guidance=s.sketch_guidance, plugin=plugin,
+                   sampler=s.sampler)
 
 
 @dataclass(frozen=True, eq=False)  # compared by identity: image arrays have no single truth value to compare
@@ -142,7 +145,8 @@ class ColorizeRequest:
         return {"seed": self.seed, "steps": options.steps, "width": width, "height": height,
                 "reference_guidance": options.reference_guidance, "sketch_guidance": options.sketch_guidance,
                 "reference_strength": options.reference_strength, "plugin": options.plugin,
-                "line_extractor": self.line_extractor, "background_reference": self.background_reference is not None}
+                "line_extractor": self.line_extractor, "background_reference": self.background_reference is not None,
+                "sampler": options.sampler}
 
 
 class Backend(Protocol):
@@ -175,6 +179,7 @@ class ColorizeParams(BaseModel):
     plugin: bool | None = None
     extract_lines: bool = False
     line_extractor: Literal[tuple(CLASSIC_EXTRACTORS)] = "xdog"
+    sampler: Literal[SAMPLERS] | None = None
     format: Literal["png", "json"] = "png"
 
     @model_validator(mode="after")
@@ -283,7 +288,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             "sizes": {"multiple": model.size_multiple, "min_side": model.min_side, "max_side": model.max_side,
                       "default_area": model.default_area},
             "steps": [1, MAX_STEPS], "guidance": [0.0, 30.0], "reference_strength": [0.0, 2.0]},
-            "line_extractors": list(CLASSIC_EXTRACTORS), "auth": bool(settings.api_token)}
+            "line_extractors": list(CLASSIC_EXTRACTORS), "samplers": list(SAMPLERS), "auth": bool(settings.api_token)}
 
     @app.post("/v1/colorize")
     async def colorize(request: Request):
@@ -323,7 +328,8 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             reference_guidance=model.reference_guidance if params.reference_guidance is None
             else params.reference_guidance,
             sketch_guidance=model.sketch_guidance if params.sketch_guidance is None else params.sketch_guidance,
-            reference_strength=params.reference_strength, plugin=use_plugin)
+            reference_strength=params.reference_strength, plugin=use_plugin,
+            sampler=model.sampler if params.sampler is None else params.sampler)
         colorize_request = ColorizeRequest(
             sketch=decoded["sketch"], reference=decoded["reference"],
             background_reference=decoded.get("background_reference"),

@@ -245,3 +245,33 @@ def test_sampler_names_are_checked_and_default_to_the_config():
     assert ColorizeOptions(sampler="ddim").resolved(tiny()).sampler == "ddim"
     assert ColorizeOptions(sampler="ddim") != ColorizeOptions()  # the Serve app batches by options
 
+
+def test_the_http_api_takes_a_sampler_by_name():
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from serve.api import ModelInfo, create_app
+
+    received = []
+
+    class Backend:
+        def info(self):
+            return ModelInfo.from_config(tiny(), plugin=False)
+
+        async def colorize(self, request):
+            received.append(request.options)
+            return np.zeros((request.options.size[1], request.options.size[0], 3), np.uint8)
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((96, 128, 3), 255, np.uint8)).save(buffer, format="PNG")
+    files = {"sketch": ("s.png", buffer.getvalue(), "image/png"), "reference": ("r.png", buffer.getvalue(), "image/png")}
+    client = TestClient(create_app(Backend()))
+    refused = client.post("/v1/colorize", files=files, data={"sampler": "heun", "steps": "2"})
+    assert refused.status_code == 422 and "sampler" in refused.json()["error"]
+    chosen = client.post("/v1/colorize", files=files, data={"sampler": "ddim", "steps": "2"})
+    assert (chosen.status_code, chosen.headers["X-Sampler"], received[-1].sampler) == (200, "ddim", "ddim")
+    default = client.post("/v1/colorize", files=files, data={"steps": "2", "format": "json"})
+    assert default.json()["parameters"]["sampler"] == received[-1].sampler == "dpmpp_3m_sde"
+    assert client.get("/v1/info").json()["samplers"] == list(SAMPLERS)
