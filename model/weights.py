@@ -39,6 +39,8 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 # DataParallel and DistributedDataParallel save every key under this prefix.
 DDP_PREFIX = "module."
 MAX_LISTED = 10
+# How much of a safetensors file is read through one memory map before it is closed (see _read_safetensors).
+MAP_CHUNK_BYTES = 256 * 2**20
 
 
 # ------------------------------------------------------------------------------------------ listings
@@ -141,8 +143,22 @@ def _read_safetensors(
 ) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as file:
-            names = _kept_names(file.keys(), path, prefixes, strip)
-            return {name: cast(file.get_tensor(stored), dtype) for stored, name in names.items()}
+            names = list(_kept_names(file.keys(), path, prefixes, strip).items())
+        # safe_open memory-maps the whole file, and every page a tensor was read from stays resident (and
+        # counted in RSS) until the file is closed, even once the tensor was cast to a new copy. Reading in
+        # chunks of about MAP_CHUNK_BYTES bounds that to one chunk instead of the whole file.
+        state: dict[str, torch.Tensor] = {}
+        start = 0
+        while start < len(names):
+            with safe_open(str(path), framework="pt", device="cpu") as file:
+                read = 0
+                while start < len(names) and read < MAP_CHUNK_BYTES:
+                    stored, name = names[start]
+                    tensor = file.get_tensor(stored)
+                    read += tensor.numel() * tensor.element_size()
+                    state[name] = cast(tensor, dtype)
+                    start += 1
+        return state
     except (SafetensorError, OSError) as err:
         raise ValueError(f"cannot read safetensors file {path}: {err}") from err
 
