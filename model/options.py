@@ -45,7 +45,8 @@ class ColorizeOptions:
     - ``steps``: sampling steps, 1..200; ``None`` = ``config.sampling.steps``.
     - ``reference_guidance``, ``sketch_guidance``: classifier-free guidance scales, 0..30 (see
       :class:`model.guidance.Guidance`); ``None`` = the config's.
-    - ``reference_strength``: scales the reference's context (0 = no reference).
+    - ``reference_strength``: scales every cross-attention output of the U-Net before its output projection
+      (the published model's strength; 0 = no reference).
     - ``sketch_strengths``: one scale per sketch-injection point; ``None`` = 1 everywhere.
     - ``aesthetic_score``: SDXL's aesthetic-score condition; ``None`` = the config's (0 is a score too).
     - ``plugin``: stage 2 on or off; ``None`` = on when the model has a plugin.
