@@ -79,11 +79,12 @@ def test_durations_read_the_way_people_write_them(seconds, text):
 
 
 def test_an_unfinished_dataset_is_refused_with_its_progress(tmp_path):
-    from pipelines.data.layout import MANIFEST_FILE, finished_manifest
+    from pipelines.data.layout import MANIFEST_FILE, SCHEMA_VERSION, finished_manifest
 
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         finished_manifest(str(tmp_path))
-    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"complete": False, "shards_done": 2, "shards": 5}))
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "complete": False,
+                                                      "shards_done": 2, "shards": 5}))
     with pytest.raises(ValueError, match="2/5 shards"):
         finished_manifest(str(tmp_path))
 
