@@ -27,6 +27,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,9 +40,9 @@ from PIL import Image  # noqa: E402
 
 from jobs import flags  # noqa: E402
 from model.assembly import init_model  # noqa: E402
-from model.colorizer import is_model_folder  # noqa: E402
+from model.colorizer import is_model_folder, read_config  # noqa: E402
 from model.line_art import invert  # noqa: E402
-from pipelines.data.layout import read_all, read_manifest  # noqa: E402
+from pipelines.data.layout import check_schema, read_all, read_manifest  # noqa: E402
 from pipelines.data.ray_stream import run_preprocess  # noqa: E402
 from pipelines.data.shards import PreprocessConfig  # noqa: E402
 from pipelines.data.synthetic import write_corpus  # noqa: E402
@@ -151,6 +152,32 @@ class TracedSteps:
         return self.root.trace_id if self.root is not None else None
 
 
+DERIVED = ("base", "dataset", "val_dataset", "stage1", "stage2", "runs", "eval")  # what a rerun may reuse
+
+
+def start_over_if_stale(out: Path) -> str | None:
+    """Remove the reusable outputs of an older colorize-xl (a model folder or dataset of a format this code
+    refuses), so a rerun after an upgrade rebuilds them instead of failing on them; the corpora and the
+    MLflow store stay. Returns why, or ``None`` when everything there is current."""
+    reason = None
+    for name in ("base", "stage1", "stage2"):
+        if reason is None and is_model_folder(out / name):
+            try:
+                read_config(out / name)
+            except ValueError as err:
+                reason = str(err)
+    for name in ("dataset", "val_dataset"):
+        if reason is None and (out / name).is_dir():
+            try:
+                check_schema(str(out / name))
+            except ValueError as err:
+                reason = str(err)
+    if reason is not None:
+        for name in DERIVED:
+            shutil.rmtree(out / name, ignore_errors=True)
+    return reason
+
+
 def preprocess(corpus: Path, dataset: Path, base: Path) -> dict:
     cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "reference"))
     done_before = (read_manifest(str(dataset)) or {}).get("complete", False)
@@ -217,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    stale = start_over_if_stale(out)
+    if stale:
+        print(f"[demo] {out} holds outputs of an older colorize-xl, made again from the corpora: {stale}", flush=True)
     started = time.perf_counter()
     tracking = f"sqlite:///{out / 'mlflow.db'}"
     chain = TracedSteps(tracking, DEFAULT_EXPERIMENT, out / "mlartifacts")

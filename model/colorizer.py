@@ -38,7 +38,9 @@ from model.vae import build_vae, decode_latents
 from model.vector_condition import vector_condition
 
 FORMAT_NAME = "colorize-xl"
-FORMAT_VERSION = 1
+# 2: the sketch encoder and projector are the published ColorizeDiffusionXL ones (their keys and shapes
+#    changed); a version-1 folder's trained parts have no place in them, so it is refused, not half-loaded.
+FORMAT_VERSION = 2
 TRAINABLE = ("unet", "sketch_encoder", "projector")
 FROZEN = ("tagger", "clip", "vae")
 OPTIONAL_PARTS = ("unet", "vae", "tagger", "clip")  # may be left out of a load (see from_pretrained)
@@ -58,8 +60,14 @@ def read_config(folder: str | Path) -> ColorizerConfig:
     manifest = json.loads(manifest_path.read_text())
     if manifest.get("format") != FORMAT_NAME:
         raise ValueError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
-    if manifest.get("version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{manifest_path} is format version {manifest['version']}; this code reads up to {FORMAT_VERSION}")
+    version = manifest.get("version", 0)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{manifest_path} is format version {version}; this code reads up to {FORMAT_VERSION}")
+    if version < FORMAT_VERSION:
+        raise ValueError(f"{manifest_path} is format version {version}, made before the sketch encoder and projector "
+                         f"became the published model's (version {FORMAT_VERSION}); its weights cannot be mapped. "
+                         "Assemble a new folder (jobs/init_model.py) or import the published checkpoint "
+                         "(jobs/import_checkpoint.py)")
     return ColorizerConfig.from_dict(manifest["config"])
 
 

@@ -125,3 +125,18 @@ def test_refuses_datasets_of_another_schema_version(tmp_path):
     check_config(str(fresh), cfg)
     assert json.loads((fresh / "config.json").read_text())["schema_version"] == SCHEMA_VERSION
     check_config(str(fresh), cfg)  # a rerun with the same settings is fine
+
+
+def test_model_folders_of_the_old_architecture_are_refused_and_the_demo_starts_them_over(tmp_path):
+    from jobs.demo import start_over_if_stale
+    from model.colorizer import read_config
+
+    out = tmp_path / "demo"
+    for name in ("base", "stage1", "corpus", "runs"):
+        (out / name).mkdir(parents=True)
+    (out / "base" / "config.json").write_text(json.dumps({"format": "colorize-xl", "version": 1, "config": {}}))
+    with pytest.raises(ValueError, match="format version 1.*published model's"):
+        read_config(out / "base")
+    assert start_over_if_stale(out) is not None
+    assert sorted(p.name for p in out.iterdir()) == ["corpus"]  # the corpus stays; models and checkpoints go
+    assert start_over_if_stale(out) is None
