@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from model import pretrained
 from model.config import ColorizerConfig
-from model.generate import generate_latents
+from model.generate import StopCheck, generate_latents
 from model.guidance import Guidance
 from model.images import image_to_tensor, sketch_to_tensor, tensor_to_image
 from model.options import ColorizeOptions
@@ -244,7 +244,7 @@ class Colorizer(nn.Module):
 
     @torch.no_grad()
     def colorize(self, sketch, reference, options: ColorizeOptions | None = None, *, seed: int = 0,
-                 background_reference=None) -> Image.Image:
+                 background_reference=None, should_stop: StopCheck | None = None) -> Image.Image:
         """Color ``sketch`` (a drawing: dark lines on light, PIL or uint8 array) after ``reference``.
 
         ``options`` holds the settings (``None`` = the model's defaults); ``seed`` draws the noise;
@@ -252,11 +252,13 @@ class Colorizer(nn.Module):
         :meth:`colorize_batch` has the details.
         """
         backgrounds = None if background_reference is None else [background_reference]
-        return self.colorize_batch([sketch], [reference], options, seeds=[seed], background_references=backgrounds)[0]
+        return self.colorize_batch([sketch], [reference], options, seeds=[seed], background_references=backgrounds,
+                                   should_stop=should_stop)[0]
 
     @torch.no_grad()
     def colorize_batch(self, sketches: list, references: list, options: ColorizeOptions | None = None, *,
-                       seeds: list[int], background_references: list | None = None) -> list[Image.Image]:
+                       seeds: list[int], background_references: list | None = None,
+                       should_stop: StopCheck | None = None) -> list[Image.Image]:
         """Several pairs with the same ``options`` (so at one output size); each item's noise comes from its
         own seed, so an item's result does not depend on what it was batched with.
 
@@ -264,6 +266,9 @@ class Colorizer(nn.Module):
         generation and splits attention into foreground and background (masks from the sketch and the
         reference); ``background_references`` (per item, or ``None`` entries) give the background its own
         reference.
+
+        ``should_stop`` (a server's "is anybody still waiting?") is asked between denoising steps; when it
+        returns True the call raises :class:`model.generate.Cancelled` instead of finishing.
         """
         if not (len(sketches) == len(references) == len(seeds)) or not sketches:
             raise ValueError(f"got {len(sketches)} sketches, {len(references)} references, {len(seeds)} seeds")
@@ -288,7 +293,8 @@ class Colorizer(nn.Module):
                                                   context, vector, guidance, options)
         else:
             context = None
-        return tensor_to_image(self._sample(sketch, reference_images, options, seeds, split_kwargs, None, context))
+        return tensor_to_image(self._sample(sketch, reference_images, options, seeds, split_kwargs, None, context,
+                                            should_stop=should_stop))
 
     @torch.no_grad()
     def colorize_tensors(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions | None = None, *,
@@ -315,9 +321,10 @@ class Colorizer(nn.Module):
 
     def _sample(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions, seeds: list[int],
                 split_kwargs: dict | None, noise: torch.Tensor | None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
         """Resolved ``options`` → decoded images (B, 3, H, W) in [-1, 1]: the one sampling path
-        (``context``: the references' context when the caller has it already)."""
+        (``context``: the references' context when the caller has it already; ``should_stop``: see
+        :func:`model.generate.generate_latents`)."""
         points = len(self.sketch_encoder.points)
         if options.sketch_strengths is not None and len(options.sketch_strengths) != points:
             raise ValueError(f"sketch_strengths needs {points} values (one per injection point), "
@@ -332,7 +339,8 @@ class Colorizer(nn.Module):
                                    sketch=sketch.to(device, dtype), vector=vector, seeds=seeds, steps=options.steps,
                                    guidance=Guidance(options.reference_guidance, options.sketch_guidance),
                                    sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
-                                   reference_strength=options.reference_strength, noise=noise, sampler=options.sampler)
+                                   reference_strength=options.reference_strength, noise=noise, sampler=options.sampler,
+                                   should_stop=should_stop)
         return decode_latents(self.vae, latents)
 
     def _plugin_attention(self, sketches: list, references: list, background_references: list | None,

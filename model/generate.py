@@ -4,11 +4,26 @@ job's sample grids (which start from cached reference tokens, not from images).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from model.config import ColorizerConfig
 from model.guidance import Guidance, guided_prediction
 from model.sampler import sample
+
+StopCheck = Callable[[], bool]
+"""``should_stop() -> bool``: asked before the first denoising step and after each one; True stops the run."""
+
+
+class Cancelled(Exception):
+    """A generation stopped because its ``should_stop`` said so (nobody waits for its result any more).
+
+    ``steps`` is how many denoising steps had run when it stopped."""
+
+    def __init__(self, steps: int):
+        super().__init__(f"cancelled after {steps} denoising step(s)")
+        self.steps = steps
 
 
 @torch.no_grad()
@@ -16,7 +31,7 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
                      vector: torch.Tensor, seeds: list[int], steps: int, guidance: Guidance,
                      sketch_strengths: list[float] | None = None, cross_attention_kwargs: dict | None = None,
                      reference_strength: float = 1.0, noise: torch.Tensor | None = None,
-                     sampler: str = "dpmpp_3m_sde") -> torch.Tensor:
+                     sampler: str = "dpmpp_3m_sde", should_stop: StopCheck | None = None) -> torch.Tensor:
     """Clean latents (B, C, h, w) for ``context`` (B, N, D), inverted ``sketch`` (B, S, H, W) and
     ``vector`` (B, 2), sampled with ``sampler`` (a name of :data:`model.options.SAMPLERS`). The sketch
     encoder runs once, not per step, and only the guidance branches the setting needs are evaluated (as
@@ -26,7 +41,12 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
     ``torch.Generator("cpu").manual_seed(seed)``, unless ``noise`` (B, C, h, w) is given; the SDE's step
     noise is a separate stream of the same seed: for DPM++ 3M SDE the seed is the entropy of the item's
     Brownian tree (:class:`model.sampler.BrownianNoise`, numpy's SeedSequence, not torch's generator), for
-    the diffusers samplers a seed derived from it (:func:`model.sampler.step_noise_seed`)."""
+    the diffusers samplers a seed derived from it (:func:`model.sampler.step_noise_seed`).
+
+    ``should_stop`` is asked before the first step and after every step (never inside one); when it returns
+    True the run ends with :class:`Cancelled`, so a caller that went away costs at most one more step."""
+    if should_stop is not None and should_stop():
+        raise Cancelled(0)
     batch, _, height, width = sketch.shape
     device, dtype = sketch.device, sketch.dtype
     conditions = guidance.conditions
@@ -52,4 +72,10 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
                              for seed in seeds])
     elif tuple(noise.shape) != (batch, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(batch, *shape)}")
-    return sample(denoise, noise.to(device, torch.float32), config.diffusion, steps, seeds=seeds, sampler=sampler)
+    callback = None
+    if should_stop is not None:
+        def callback(index: int, latents: torch.Tensor) -> None:
+            if should_stop():
+                raise Cancelled(index + 1)
+    return sample(denoise, noise.to(device, torch.float32), config.diffusion, steps, seeds=seeds, sampler=sampler,
+                  callback=callback)
