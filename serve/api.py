@@ -10,55 +10,89 @@ Routes (errors are JSON ``{"error": message, "status": code}``):
 - ``GET /healthz``: ``{"status": "ok"}``; never needs the token.
 - ``GET /v1/info``: the model's numbers (preset, default steps/guidance, size grid, plugin present).
 - ``POST /v1/colorize``: multipart (files ``sketch``, ``reference``, optional ``background_reference``,
-  plus form fields) or JSON (the same fields; images as base64 strings, ``data:`` URLs accepted).
-  Fields: ``seed`` (random when absent; always returned), ``steps`` (1..100), ``width``/``height``
-  (both or neither; neither = the sketch's aspect at the preset's default area), ``reference_guidance``
-  and ``sketch_guidance`` (0..30), ``reference_strength`` (0..2), ``plugin`` (on/off; default on when
-  the model has one), ``format`` (``png``: image/png with the parameters in ``X-*`` headers;
-  ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch is a
-  colored or photographed drawing; its lines are extracted first with ``line_extractor``, one of the
+  plus form fields) or JSON (the same fields; images as base64 strings, or ``data:image/png;base64,...``
+  URLs of an accepted type). Fields: ``seed`` (random when absent; always returned), ``steps`` (1..100),
+  ``width``/``height`` (both or neither; neither = the sketch's aspect at the preset's default area),
+  ``reference_guidance`` and ``sketch_guidance`` (0..30), ``reference_strength`` (0..2), ``plugin``
+  (default on when the model has one), ``format`` (``png``: image/png with the parameters in ``X-*``
+  headers; ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch
+  is a colored or photographed drawing; its lines are extracted first with ``line_extractor``, one of the
   weight-free extractors of :mod:`model.line_art`, default ``xdog``), ``sampler`` (one of
   :data:`model.options.SAMPLERS`; default the model's, the published DPM++ 3M SDE).
 - ``GET /``: the artists' web page (``serve/static/index.html``); it needs no token to load, and sends the
   one typed into it with each call.
+
+What a request must look like, and what it may cost:
+
+- Integers are plain ASCII digits in a form field and JSON integers in JSON (no ``+1``, ``1_0``, ``96.0``,
+  ``true`` nor strings); numbers are plain decimals; booleans are ``true``/``false``/``1``/``0``/``on``/
+  ``off`` in a form and JSON booleans in JSON. Unknown fields, a field or file sent twice, and an empty
+  image are refused with 422.
+- Images are PNG, JPEG or WebP, told by their bytes (not the name nor the declared type), first frame only;
+  anything else is 422. Each has at most ``max_input_pixels``; the sketch's long side is at most
+  ``max_sketch_aspect`` times its short side (422). A request's decodes must fit ``max_decode_bytes``,
+  estimated from the headers before decoding (413).
+- A JSON body's fields besides the images take at most 64 KiB, at most 256 strings and brackets, nested at
+  most 16 deep; this is checked on the raw bytes before parsing (413/400).
+- Decoding, line extraction and PNG encoding run in worker threads, at most ``max_concurrent_decodes`` at
+  once, so ``/healthz`` and other requests are answered meanwhile.
+- Errors are JSON whatever happens, at most 1 KiB of message, never a traceback; an unexpected error is a
+  500 logged once. A client that disconnects while its image is generated cancels the generation.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import io
 import json
+import logging
+import re
 import secrets
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from model.image_io import DecodeError, decode_image
+from model.image_io import API_FORMATS, DecodeError, decode_image
 from model.line_art import CLASSIC_EXTRACTORS
 from model.options import SAMPLERS, ColorizeOptions
 from model.sizes import fit_size, validate_size
 
 PAGE = Path(__file__).with_name("static") / "index.html"
+logger = logging.getLogger(__name__)
 
 MAX_STEPS = 100
 MAX_SEED = 2**63 - 1
+MAX_SIDE_FIELD = 16384  # width/height beyond this are refused as out of range before the size grid is asked
 IMAGE_FIELDS = ("sketch", "reference", "background_reference")
 # The API's limits and back-off, defined here once: Settings, Overloaded and serve/app.py's AppOptions use them.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole request, images included
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096  # per uploaded image, checked from its header before decoding
+DEFAULT_MAX_DECODE_BYTES = 384 * 1024 * 1024  # a request's decodes: three 4096² RGBA PNGs or WebPs fit
+DEFAULT_MAX_CONCURRENT_DECODES = 2  # requests decoding (or encoding) at once, per app
+DEFAULT_MAX_SKETCH_ASPECT = 8.0  # the sketch's long side over its short side
 DEFAULT_RETRY_AFTER_S = 1.0  # what a 503 asks the client to wait
+# Caps on what a request can make the app do before it is refused.
+MAX_JSON_FIELDS_BYTES = 64 * 1024  # a JSON body less its (at most three) image strings
+MAX_JSON_TOKENS = 256  # strings and brackets in a JSON body
+MAX_JSON_DEPTH = 16
+MAX_FIELD_CHARS = 64  # a non-image string field
+MAX_FORM_FIELD_BYTES = 64 * 1024  # a multipart field part: larger is a 400 from the parser, smaller a 422
+MAX_ERROR_CHARS = 1024  # an error message
+MAX_ERRORS_LISTED = 3
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -82,16 +116,239 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class ClientGone(Exception):
+    """The client disconnected before its response was ready; there is nobody to answer."""
+
+
+def _cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    return JSONResponse({"error": _cap(str(message)), "status": status}, status_code=status, headers=headers)
 
 
-def _validation_message(err: ValidationError) -> str:
+def _name(key: Any) -> str:
+    """A client-chosen name, quoted and cut short, for an error message."""
+    return _cap(repr(key), 40)
+
+
+def _listed(items: list[str], total: int | None = None) -> str:
+    total = len(items) if total is None else total
+    shown = "; ".join(_cap(item, 240) for item in items[:MAX_ERRORS_LISTED])
+    return shown + (f" (and {total - MAX_ERRORS_LISTED} more)" if total > MAX_ERRORS_LISTED else "")
+
+
+# ------------------------------------------------------------------------------------------ parameters
+INT_RANGES = {"seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "width": (1, MAX_SIDE_FIELD),
+              "height": (1, MAX_SIDE_FIELD)}
+FLOAT_RANGES = {"reference_guidance": (0.0, 30.0), "sketch_guidance": (0.0, 30.0), "reference_strength": (0.0, 2.0)}
+BOOL_FIELDS = ("plugin", "extract_lines")
+CHOICES = {"line_extractor": tuple(CLASSIC_EXTRACTORS), "sampler": tuple(SAMPLERS), "format": ("png", "json")}
+_FORM_BOOLS = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}
+_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only; 19 digits hold MAX_SEED
+_DECIMAL = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,12})?(?:[eE][-+]?[0-9]{1,3})?")
+
+
+def field_rule(name: str) -> str:
+    """What a field accepts, as the error message names it."""
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
+        return f"{name}: must be a whole number from {low} to {high}"
+    if name in FLOAT_RANGES:
+        low, high = FLOAT_RANGES[name]
+        return f"{name}: must be a number from {low:g} to {high:g}"
+    if name in BOOL_FIELDS:
+        return f"{name}: must be true or false (in a form also 1/0 or on/off)"
+    if name in CHOICES:
+        return f"{name}: must be one of {', '.join(CHOICES[name])}"
+    return f"{_name(name)}: not a field"
+
+
+class ColorizeParams(BaseModel):
+    """The form/JSON fields of ``POST /v1/colorize`` (images aside). Strict: JSON types as declared (form
+    fields are turned into them by :func:`form_values` first)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    width: int | None = Field(None, ge=1, le=MAX_SIDE_FIELD)
+    height: int | None = Field(None, ge=1, le=MAX_SIDE_FIELD)
+    reference_guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
+    sketch_guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
+    reference_strength: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    plugin: bool | None = None
+    extract_lines: bool = False
+    line_extractor: Literal[tuple(CLASSIC_EXTRACTORS)] = "xdog"
+    sampler: Literal[SAMPLERS] | None = None
+    format: Literal["png", "json"] = "png"
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both width and height, or neither (to fit the sketch's aspect)")
+        return self
+
+
+class ColorizeJSON(ColorizeParams):
+    """The JSON body: the fields, and the images as base64 strings or ``data:`` URLs."""
+
+    sketch: str | None = None
+    reference: str | None = None
+    background_reference: str | None = None
+
+
+PARAM_FIELDS = tuple(ColorizeParams.model_fields)
+
+
+def validation_message(err: ValidationError) -> str:
+    """At most a few of pydantic's errors, each as the field's rule (never the input echoed back)."""
     parts = []
-    for item in err.errors():
-        where = ".".join(str(x) for x in item.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {item['msg']}" if where else item["msg"])
-    return "; ".join(parts)
+    for item in err.errors(include_url=False, include_input=False, include_context=False):
+        loc = [x for x in item.get("loc", ()) if x != "body"]
+        if loc and isinstance(loc[0], str) and loc[0] in PARAM_FIELDS:
+            message = field_rule(loc[0])
+        else:
+            message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        if message not in parts:
+            parts.append(message)
+    return _listed(parts)
+
+
+def check_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    unknown = [key for key in data if key not in allowed]
+    if unknown:
+        names = ", ".join(_name(key) for key in unknown[:MAX_ERRORS_LISTED])
+        more = f" (and {len(unknown) - MAX_ERRORS_LISTED} more)" if len(unknown) > MAX_ERRORS_LISTED else ""
+        raise ApiError(422, f"unknown field{'s' if len(unknown) > 1 else ''} {names}{more}; "
+                            f"the fields are {', '.join((*IMAGE_FIELDS, *PARAM_FIELDS))}")
+    for key, value in data.items():
+        if key not in IMAGE_FIELDS and isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+            raise ApiError(422, f"{key}: too long (at most {MAX_FIELD_CHARS} characters)" if key in CHOICES
+                           else field_rule(key))
+
+
+def form_values(fields: dict[str, str]) -> dict[str, Any]:
+    """Form strings → the JSON types :class:`ColorizeParams` takes, strictly (ASCII digits for integers)."""
+    values: dict[str, Any] = {}
+    for name, text in fields.items():
+        if name in INT_RANGES:
+            if not _DIGITS.fullmatch(text):
+                raise ApiError(422, field_rule(name))
+            values[name] = int(text)
+        elif name in FLOAT_RANGES:
+            if not _DECIMAL.fullmatch(text):
+                raise ApiError(422, field_rule(name))
+            values[name] = float(text)
+        elif name in BOOL_FIELDS:
+            if text.lower() not in _FORM_BOOLS:
+                raise ApiError(422, field_rule(name))
+            values[name] = _FORM_BOOLS[text.lower()]
+        else:
+            values[name] = text
+    return values
+
+
+def validate_params(values: dict[str, Any]) -> ColorizeParams:
+    try:
+        return ColorizeParams.model_validate(values)
+    except ValidationError as err:
+        raise ApiError(422, validation_message(err)) from None
+
+
+# ------------------------------------------------------------------------------------------ JSON bodies
+_BETWEEN_TOKENS = re.compile(rb'[^"\[\]{}]*')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_LONG_STRING = 1024  # a string this long can only be an image
+_TOO_LONG_INT = float("inf")  # what an integer of more than 20 digits parses to: refused as out of range
+
+
+def check_json_shape(body: bytes) -> None:
+    """Refuse a JSON body that would be costly to parse or validate, from its raw bytes (linear, in C): too
+    deep, too many strings or brackets, or too many bytes besides its three longest strings (the images)."""
+    depth = tokens = 0
+    long_strings: list[int] = []
+    position, end = 0, len(body)
+    while True:
+        position = _BETWEEN_TOKENS.match(body, position).end()
+        if position >= end:
+            break
+        tokens += 1
+        if tokens > MAX_JSON_TOKENS:
+            raise ApiError(413, f"the JSON body has too many members (at most {MAX_JSON_TOKENS} strings and "
+                                "brackets; the fields are a flat object)")
+        if body[position] == 0x22:  # '"'
+            string = _JSON_STRING.match(body, position)
+            if string is None:
+                raise ApiError(400, "body is not valid JSON: a string is not terminated")
+            if string.end() - position > _LONG_STRING:
+                long_strings.append(string.end() - position)
+            position = string.end()
+            continue
+        depth += 1 if body[position] in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+        position += 1
+    images = sum(sorted(long_strings)[-len(IMAGE_FIELDS):])
+    if end - images > MAX_JSON_FIELDS_BYTES:
+        raise ApiError(413, f"the JSON body's fields besides the images take {end - images} bytes; "
+                            f"at most {MAX_JSON_FIELDS_BYTES}")
+
+
+def _json_int(text: str) -> int | float:
+    return int(text) if len(text) <= 20 else _TOO_LONG_INT
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ApiError(422, f"field {_name(twice)} is given twice")
+    return data
+
+
+def parse_json(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+    """(fields, image strings) of a JSON body; shape checked first (CPU work: call it in a thread)."""
+    check_json_shape(body)
+    try:
+        data = json.loads(body, parse_int=_json_int, object_pairs_hook=_json_object)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise ApiError(400, f"body is not valid JSON: {_cap(str(err), 120)}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, "the JSON body must be an object")
+    check_fields(data, (*IMAGE_FIELDS, *PARAM_FIELDS))
+    images: dict[str, str] = {}
+    for name in IMAGE_FIELDS:
+        value = data.pop(name, None)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ApiError(422, f"{name}: must be a base64 string or a data:image/... URL")
+        images[name] = value
+    return data, images
+
+
+_DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp)((?:;[A-Za-z0-9=._+-]{1,64}){0,4}?);base64,", re.IGNORECASE)
+
+
+def decode_base64(name: str, text: str) -> bytes:
+    """A base64 field's bytes; a ``data:`` URL must declare an accepted image type and base64."""
+    if text[:5].lower() == "data:":
+        header = _DATA_URL.match(text[:400])
+        if header is None:
+            raise ApiError(422, f"{name}: a data: URL must be data:image/png, image/jpeg or image/webp with "
+                                ";base64 (e.g. data:image/png;base64,...)")
+        text = text[header.end():]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # line-wrapped base64 (e.g. from `base64` without -w0)
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{name} is not valid base64") from None
 
 
 # --------------------------------------------------------------------------------------- the model side
@@ -150,6 +407,15 @@ class ColorizeRequest:
 
 
 class Backend(Protocol):
+    """The model side of the app.
+
+    ``colorize`` must be cancellable: when the client disconnects (or the server stops waiting), the app
+    cancels the task awaiting ``colorize``, and the ``asyncio.CancelledError`` raised at its ``await`` must
+    reach the work itself (stop generating between denoising steps, cancel a remote call) rather than be
+    swallowed; nobody reads the result. ``ValueError`` means the model refused the combination (→ 422);
+    :class:`Overloaded` means retry later (→ 503); anything else is a 500.
+    """
+
     def info(self) -> ModelInfo: ...
 
     async def colorize(self, request: ColorizeRequest) -> np.ndarray: ...
@@ -161,56 +427,34 @@ class Settings:
     max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
     api_token: str | None = None  # bearer token; None or "" = no auth
     open_paths: tuple[str, ...] = field(default=("/healthz", "/"))
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES  # a request's decodes, estimated from the image headers
+    max_concurrent_decodes: int = DEFAULT_MAX_CONCURRENT_DECODES  # CPU work (decode, extract, encode) at once
+    max_sketch_aspect: float = DEFAULT_MAX_SKETCH_ASPECT  # the sketch's long side over its short side
 
 
-# ------------------------------------------------------------------------------------------ parameters
-class ColorizeParams(BaseModel):
-    """The form/JSON fields of ``POST /v1/colorize`` (images aside)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    width: int | None = Field(None, ge=1)
-    height: int | None = Field(None, ge=1)
-    reference_guidance: float | None = Field(None, ge=0.0, le=30.0)
-    sketch_guidance: float | None = Field(None, ge=0.0, le=30.0)
-    reference_strength: float = Field(1.0, ge=0.0, le=2.0)
-    plugin: bool | None = None
-    extract_lines: bool = False
-    line_extractor: Literal[tuple(CLASSIC_EXTRACTORS)] = "xdog"
-    sampler: Literal[SAMPLERS] | None = None
-    format: Literal["png", "json"] = "png"
-
-    @model_validator(mode="after")
-    def _both_or_neither(self):
-        if (self.width is None) != (self.height is None):
-            raise ValueError("give both width and height, or neither (to fit the sketch's aspect)")
-        return self
-
-
-class ColorizeJSON(ColorizeParams):
-    sketch: str | None = None
-    reference: str | None = None
-    background_reference: str | None = None
-
-
-def _b64(name: str, text: str) -> bytes:
-    if text.startswith("data:"):
-        _, _, text = text.partition(",")
-    try:
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, f"{name} is not valid base64") from None
-
-
-def _decode(name: str, data: bytes, max_pixels: int) -> np.ndarray:
-    try:
-        return decode_image(data, max_pixels=max_pixels)
-    except DecodeError as err:
-        reason = str(err)
-        status = 413 if reason.startswith(("too many pixels", "decompression bomb")) else 422
-        raise ApiError(status, f"{name}: {reason}") from None
+# ------------------------------------------------------------------------------------------- CPU work
+def decode_images(images: dict[str, bytes | str], settings: Settings) -> dict[str, np.ndarray]:
+    """Base64 (for JSON strings) and image decoding, one image after the other within the request's memory
+    budget (the arrays already decoded count against it). CPU work: call it in a thread."""
+    budget = settings.max_decode_bytes
+    decoded: dict[str, np.ndarray] = {}
+    for name in IMAGE_FIELDS:
+        data = images.get(name)
+        if data is None:
+            continue
+        if isinstance(data, str):
+            data = decode_base64(name, data)
+        if not data:
+            raise ApiError(422, f"{name}: empty image")
+        try:
+            array = decode_image(data, max_pixels=settings.max_input_pixels, formats=API_FORMATS,
+                                 max_bytes=budget,
+                                 max_aspect=settings.max_sketch_aspect if name == "sketch" else None)
+        except DecodeError as err:
+            raise ApiError(413 if err.too_large else 422, f"{name}: {err}") from None
+        budget -= array.nbytes
+        decoded[name] = array
+    return decoded
 
 
 def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
@@ -219,16 +463,152 @@ def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
     return np.repeat(lines[..., None], 3, axis=2)
 
 
+def _prepare(images: dict[str, bytes | str], params: ColorizeParams, settings: Settings) -> dict[str, np.ndarray]:
+    decoded = decode_images(images, settings)
+    if params.extract_lines:
+        decoded["sketch"] = extract_drawing(decoded["sketch"], params.line_extractor)
+    return decoded
+
+
 def _png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
+def _header_name(key: str) -> str:
+    return "X-" + "-".join(word.capitalize() for word in key.split("_"))
+
+
+def _header_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# ---------------------------------------------------------------------------------------- cancellation
+async def _wait_for_disconnect(receive) -> bool:
+    """True once the client has disconnected; False when that cannot be told (the receive channel failed)."""
+    try:
+        while True:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                return True
+    except Exception:  # noqa: BLE001 - a server whose receive fails cannot tell us; let the work finish
+        return False
+
+
+async def unless_disconnected(request: Request, work):
+    """Await ``work`` (a coroutine), cancelling it when the client disconnects first (→ :class:`ClientGone`).
+    The request's body must have been read: what ``receive`` gives after it is the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.result():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # noqa: BLE001 - the work failed while being cancelled; nobody to tell
+                logger.debug("cancelled work raised", exc_info=True)
+            raise ClientGone()
+        return await task
+    finally:
+        watcher.cancel()
+        if not task.done():  # we were cancelled ourselves (server shutdown, Serve's own disconnect handling)
+            task.cancel()
+
+
+# ---------------------------------------------------------------------------------------------- guard
+class Guard:
+    """Outermost ASGI middleware of the app: auth and the declared size, before a byte of the body is read;
+    and the last word on errors: an exception nothing else handled becomes a JSON 500 (logged once, no
+    internals sent), a client that went away mid-request is logged at debug level and not answered."""
+
+    def __init__(self, app, settings: Settings):
+        self.app = app
+        self.settings = settings
+
+    def refusal(self, scope) -> JSONResponse | None:
+        settings = self.settings
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):  # behind a route prefix (Serve passes it as root_path)
+            path = path[len(root):] or "/"
+        headers = Headers(scope=scope)
+        if settings.api_token and path not in settings.open_paths:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_token.encode()):
+                return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                              {"WWW-Authenticate": "Bearer"})
+        length = headers.get("content-length")
+        if length is not None:
+            if not length.isascii() or not length.strip().isdigit() or len(length) > 20:
+                return _error(400, "Content-Length is not a number")
+            if int(length) > settings.max_body_bytes:
+                return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
+                                   f"{settings.max_body_bytes} bytes")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refused = self.refusal(scope)
+        if refused is not None:
+            await refused(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except (ClientDisconnect, ClientGone):
+            logger.debug("client disconnected during %s %s", scope.get("method"), scope.get("path"))
+        except Exception:  # noqa: BLE001 - the last line: a JSON 500, the details in the log only
+            logger.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                try:
+                    await _error(500, "internal error (it has been logged)")(scope, receive, send)
+                except Exception:  # noqa: BLE001 - the client is gone as well
+                    logger.debug("could not send the 500", exc_info=True)
+
+
+def _request_body_schema() -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of ``POST /v1/colorize`` (the route reads the body itself)."""
+    form = ColorizeParams.model_json_schema(ref_template="#/components/schemas/{model}")
+    form.pop("title", None)
+    form["properties"].update({name: {"type": "string", "format": "binary"} for name in IMAGE_FIELDS})
+    form["required"] = ["sketch", "reference"]
+    body = ColorizeJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+    body.pop("title", None)
+    body["required"] = ["sketch", "reference"]
+    for name in IMAGE_FIELDS:
+        body["properties"][name] = {"type": "string", "contentEncoding": "base64"}
+    return {"required": True, "content": {"multipart/form-data": {"schema": form},
+                                          "application/json": {"schema": body}}}
+
+
+_ERROR_SCHEMA = {"application/json": {"schema": {
+    "type": "object", "required": ["error", "status"],
+    "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}}}
+_ERRORS = {str(code): {"description": text, "content": _ERROR_SCHEMA} for code, text in (
+    (400, "malformed body"), (401, "missing or wrong token"), (413, "too large"), (415, "unsupported body type"),
+    (422, "invalid fields or images"), (500, "internal error"), (503, "overloaded; see Retry-After"))}
+
+
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     app = FastAPI(title="colorize-xl", version="1")
+    cpu = anyio.CapacityLimiter(settings.max_concurrent_decodes)
+
+    async def in_thread(function, *args):
+        return await anyio.to_thread.run_sync(function, *args, limiter=cpu)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -240,35 +620,14 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
-        return _error(422, "; ".join(str(e.get("msg")) for e in err.errors()))
+        errors = err.errors()
+        return _error(422, _listed([str(e.get("msg")) for e in errors[:MAX_ERRORS_LISTED]], len(errors)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
         return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        # Auth first, then the declared size: both before a byte of the body is read.
-        path, root = request.scope["path"], request.scope.get("root_path", "")
-        if root and path.startswith(root):  # behind a route prefix (Serve passes it as root_path)
-            path = path[len(root):] or "/"
-        if settings.api_token and path not in settings.open_paths:
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_token.encode()):
-                return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                              {"WWW-Authenticate": "Bearer"})
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                declared = int(length)
-            except ValueError:
-                return _error(400, "Content-Length is not a number")
-            if declared > settings.max_body_bytes:
-                return _error(413, f"request body of {declared} bytes exceeds the limit of "
-                                   f"{settings.max_body_bytes} bytes")
-        return await call_next(request)
-
+    app.add_middleware(Guard, settings=settings)
     page = PAGE.read_text(encoding="utf-8")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -285,20 +644,29 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         return {"model": asdict(model), "limits": {
             "max_body_bytes": settings.max_body_bytes,
             "max_input_pixels": settings.max_input_pixels,
+            "max_decode_bytes": settings.max_decode_bytes,
+            "max_sketch_aspect": settings.max_sketch_aspect,
+            "formats": [name.lower() for name in API_FORMATS],
             "sizes": {"multiple": model.size_multiple, "min_side": model.min_side, "max_side": model.max_side,
                       "default_area": model.default_area},
             "steps": [1, MAX_STEPS], "guidance": [0.0, 30.0], "reference_strength": [0.0, 2.0]},
             "line_extractors": list(CLASSIC_EXTRACTORS), "samplers": list(SAMPLERS), "auth": bool(settings.api_token)}
 
-    @app.post("/v1/colorize")
+    @app.post("/v1/colorize", responses=_ERRORS, openapi_extra={"requestBody": _request_body_schema()})
     async def colorize(request: Request):
         body = await _read_body(request, settings.max_body_bytes)
-        raw, images = await _parse(request, body)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/json":
+            fields, images = await in_thread(parse_json, body)
+        elif content_type == "multipart/form-data":
+            fields, images = await _parse_form(request)
+            fields = form_values(fields)
+        else:
+            raise ApiError(415, "send multipart/form-data (files sketch, reference) or application/json "
+                                "(base64 images)")
+        del body
+        params = validate_params(fields)
         model = backend.info()
-        try:
-            params = ColorizeParams.model_validate(raw)
-        except ValidationError as err:
-            raise ApiError(422, _validation_message(err)) from None
         for name in ("sketch", "reference"):
             if not images.get(name):
                 raise ApiError(422, f"missing {name} image (send it as the '{name}' file or base64 field)")
@@ -309,21 +677,19 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         use_plugin = model.plugin if params.plugin is None else params.plugin
         if images.get("background_reference") is not None and not use_plugin:
             raise ApiError(422, "background_reference needs the plugin on")
-        decoded = {name: _decode(name, data, settings.max_input_pixels)
-                   for name, data in images.items() if data is not None}
-        if params.extract_lines:  # CPU work: keep it off the event loop
-            decoded["sketch"] = await run_in_threadpool(extract_drawing, decoded["sketch"], params.line_extractor)
         limits = dict(multiple=model.size_multiple, min_side=model.min_side, max_side=model.max_side)
-        if params.width is None:
-            sketch = decoded["sketch"]
-            width, height = fit_size(sketch.shape[1], sketch.shape[0], area=model.default_area, **limits)
-        else:
+        if params.width is not None:  # checked before any decoding
             try:
-                width, height = validate_size(params.width, params.height, **limits)
+                size = validate_size(params.width, params.height, **limits)
             except ValueError as err:
                 raise ApiError(422, str(err)) from None
+        decoded = await in_thread(_prepare, images, params, settings)
+        del images
+        if params.width is None:
+            sketch = decoded["sketch"]
+            size = fit_size(sketch.shape[1], sketch.shape[0], area=model.default_area, **limits)
         options = ColorizeOptions(
-            size=(width, height),
+            size=size,
             steps=model.default_steps if params.steps is None else params.steps,
             reference_guidance=model.reference_guidance if params.reference_guidance is None
             else params.reference_guidance,
@@ -335,16 +701,16 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             background_reference=decoded.get("background_reference"),
             seed=secrets.randbelow(2**31) if params.seed is None else params.seed, options=options,
             line_extractor=params.line_extractor if params.extract_lines else None)
+        del decoded
         try:
-            result = await backend.colorize(colorize_request)
+            result = await unless_disconnected(request, backend.colorize(colorize_request))
         except ValueError as err:  # the model refused the combination: the client's to fix
             raise ApiError(422, str(err)) from None
-        png = _png(result)
+        png = await in_thread(_png, result)
         used = colorize_request.parameters()
         if params.format == "json":
             return {"image": base64.b64encode(png).decode("ascii"), "media_type": "image/png", "parameters": used}
-        headers = {"X-" + "-".join(w.capitalize() for w in k.split("_")): str(v).lower() if isinstance(v, bool)
-                   else str(v) for k, v in used.items()}
+        headers = {_header_name(k): _header_value(v) for k, v in used.items() if v is not None}
         return Response(png, media_type="image/png", headers=headers)
 
     return app
@@ -363,42 +729,35 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-async def _parse(request: Request, body: bytes) -> tuple[dict[str, Any], dict[str, bytes | None]]:
-    """(fields, images) from a JSON or multipart body; images maps a name to its bytes."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    images: dict[str, bytes | None] = {}
-    if content_type == "application/json":
-        try:
-            data = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ApiError(400, f"body is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "the JSON body must be an object")
-        try:
-            parsed = ColorizeJSON.model_validate(data)
-        except ValidationError as err:
-            raise ApiError(422, _validation_message(err)) from None
-        for name in IMAGE_FIELDS:
-            text = getattr(parsed, name)
-            images[name] = None if text is None else _b64(name, text)
-        raw = {k: v for k, v in data.items() if k not in IMAGE_FIELDS}
-        return raw, images
-    if content_type == "multipart/form-data":
-        try:
-            form = await request.form(max_files=len(IMAGE_FIELDS), max_fields=32)
-        except StarletteHTTPException as err:
-            raise ApiError(400, f"malformed multipart body: {err.detail}") from None
-        except Exception as err:  # the multipart parser's own errors
-            raise ApiError(400, f"malformed multipart body: {err}") from None
-        raw: dict[str, Any] = {}
+async def _parse_form(request: Request) -> tuple[dict[str, str], dict[str, bytes]]:
+    """(fields, image bytes) of a multipart body; a part sent twice, or a file where a field belongs (or
+    the other way round), is refused."""
+    try:
+        form = await request.form(max_files=len(IMAGE_FIELDS), max_fields=len(PARAM_FIELDS),
+                                  max_part_size=MAX_FORM_FIELD_BYTES)
+    except StarletteHTTPException as err:
+        raise ApiError(400, f"malformed multipart body: {err.detail}") from None
+    except ClientDisconnect:
+        raise
+    except Exception as err:  # noqa: BLE001 - the multipart parser's own errors
+        raise ApiError(400, f"malformed multipart body: {_cap(str(err), 200)}") from None
+    fields: dict[str, str] = {}
+    images: dict[str, bytes] = {}
+    seen: set[str] = set()
+    try:
         for key, value in form.multi_items():
+            if key in seen:
+                raise ApiError(422, f"{_name(key)} is sent twice")
+            seen.add(key)
             if key in IMAGE_FIELDS:
                 if not isinstance(value, UploadFile):
                     raise ApiError(422, f"{key} must be a file part")
                 images[key] = await value.read()
             elif isinstance(value, UploadFile):
-                raise ApiError(422, f"unexpected file field '{key}'; files are {', '.join(IMAGE_FIELDS)}")
+                raise ApiError(422, f"unexpected file field {_name(key)}; files are {', '.join(IMAGE_FIELDS)}")
             elif value != "":  # an empty form field means "not given"
-                raw[key] = value
-        return raw, images
-    raise ApiError(415, "send multipart/form-data (files sketch, reference) or application/json (base64 images)")
+                fields[key] = value
+    finally:
+        await form.close()
+    check_fields(fields, PARAM_FIELDS)
+    return fields, images
