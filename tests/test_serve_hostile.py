@@ -814,6 +814,8 @@ CASES: dict[str, Hostile] = {
     "tiff_broken_later_page": Hostile(lambda: [as_sketch(multipage_tiff(3, broken_page=1), "a.tif", "image/tiff")]),
     # 7. internals in errors
     "seed_5000_digits": Hostile(lambda: [post_form(valid_parts(seed="9" * 5000))], {422}),
+    "seed_5000_digits_json": Hostile(lambda: [post_json(json.dumps(valid_json())[:-1] + ', "seed": ' + "9" * 5000
+                                                        + "}")], REFUSED),
     # 9. 2xx for input that should be refused
     "steps_1_0": Hostile(lambda: [post_form(valid_parts(steps="1_0"))], {422}),
     "steps_plus_1": Hostile(lambda: [post_form(valid_parts(steps="+1"))], {422}),
