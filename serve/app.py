@@ -3,38 +3,63 @@
     serve run serve/config.yaml                                  # or:
     serve run serve.app:build_app model=outputs/demo/stage2      # args as key=value
 
-``ColorizerModel`` holds one :class:`model.colorizer.Colorizer` per replica (GPU when ``num_gpus`` > 0),
-autoscales between ``min_replicas`` and ``max_replicas`` on ``target_ongoing_requests``, and gathers
-concurrent requests with ``@serve.batch``; within a gathered batch, requests with equal
+``ColorizerModel`` holds one :class:`model.colorizer.Colorizer` per replica (GPU when ``num_gpus`` > 0) and
+autoscales between ``min_replicas`` and ``max_replicas`` on ``target_ongoing_requests``. Concurrent requests
+are gathered by :class:`serve.runtime.Batcher` (a lone request starts at once; after a batch of n the next
+waits up to ``batch_wait_timeout_s`` for n); within a batch, requests with equal
 :class:`model.options.ColorizeOptions` run as one ``colorize_batch`` call (each keeps its own seed, so a
-result does not depend on what it was batched with). When the model's queue is full (more than
-``max_queued_requests`` waiting), the ingress answers 503 with ``Retry-After``.
+result does not depend on what it was batched with), and a call that fails is retried one request at a
+time, so an error stays with the request that caused it. When the ingress stops waiting for a request
+(its client disconnected, or Serve's ``request_timeout_s`` passed), the replica's call is cancelled and
+its generation stops before the next denoising step, unless batch-mates still want it. When the model's
+queue is full (more than ``max_queued_requests`` waiting), or the model is unreachable, the ingress
+answers 503 with ``Retry-After``.
+
+Why not ``@serve.batch``: its collector starts the next batch's window as soon as a batch is handed over,
+so a lone request always waits out the whole window and, at a steady load, batches split (requests that
+arrive while a batch runs are not held for the next one); and a caller cancelled mid-batch is only a
+cancelled future inside it (``_process_batch_inner`` drops callers cancelled before the batch starts; the
+batch function never learns of one cancelled later), so the batch cannot stop work nobody waits for.
 
 Arguments (``build_app(args)``; each also read from the environment as ``COLORIZE_<NAME>``): ``model``
 (the folder, required), ``device`` (``auto``/``cpu``/``cuda``), ``dtype`` (``float32``/``float16``/
 ``bfloat16``), ``num_gpus``, ``num_cpus``, ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
 ``max_ongoing_requests``, ``max_queued_requests``, ``max_batch_size``, ``batch_wait_timeout_s``,
-``max_body_bytes``, ``max_input_pixels``, ``api_token`` (``COLORIZE_API_TOKEN``; unset = no auth),
-``ingress_replicas``, ``ingress_num_cpus``, ``retry_after_s``.
+``max_body_bytes``, ``max_input_pixels``, ``max_header_bytes``, ``api_token`` (``COLORIZE_API_TOKEN``;
+unset = no auth), ``allow_unauthenticated``, ``host``, ``ingress_replicas``, ``ingress_num_cpus``,
+``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``.
+
+Safe by default: ``build_app`` refuses to deploy when Serve's HTTP proxies listen on an address other than
+loopback (read from the running Serve controller, else what Serve would start with, or the ``host`` arg)
+and no ``api_token`` is set, unless ``allow_unauthenticated: true`` says that is meant (e.g. behind a
+gateway that authenticates).
+
+The ingress holds each request's body and decoded images while it waits for the model, so its
+``max_ongoing_requests`` comes from a memory budget: ``ingress_memory_budget_mib`` over the worst case of
+one request (the body twice, as read and as parsed, plus three decoded RGB images of ``max_input_pixels``:
+208 MiB at the defaults, so 14 requests in 3 GiB); ``ingress_max_ongoing_requests`` overrides it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from model.options import ColorizeOptions
-from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INPUT_PIXELS, DEFAULT_RETRY_AFTER_S, ColorizeRequest,
-                       ModelInfo, Overloaded, Settings, create_app)
+from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INPUT_PIXELS, DEFAULT_RETRY_AFTER_S, ApiError,
+                       ColorizeRequest, ModelInfo, Overloaded, Settings, create_app)
+from serve.http_server import MAX_HEADER_BYTES, SERVE_CONTROL_HEADERS, HeaderGuard, is_loopback
+from serve.runtime import FAILED, FAILED_MESSAGE, Batcher, ModelRunner, raise_for_error
+
+log = logging.getLogger("colorize_xl.serve")
 
 DTYPES = ("float32", "float16", "bfloat16")
 # Defaults the deployment decorators below need at import time; AppOptions declares the same ones to users.
@@ -42,6 +67,8 @@ DEFAULT_MAX_ONGOING_REQUESTS = 8
 DEFAULT_MAX_QUEUED_REQUESTS = 32
 DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_BATCH_WAIT_TIMEOUT_S = 0.05
+DEFAULT_INGRESS_MEMORY_BUDGET_MIB = 3072
+DEFAULT_INGRESS_MAX_ONGOING_REQUESTS = 14  # what the budget gives at the default limits (see request_memory_bytes)
 
 
 class AppOptions(BaseModel):
@@ -63,9 +90,14 @@ class AppOptions(BaseModel):
     batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_TIMEOUT_S, ge=0)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_input_pixels: int = Field(DEFAULT_MAX_INPUT_PIXELS, ge=1)
+    max_header_bytes: int = Field(MAX_HEADER_BYTES, ge=1024)  # all request headers together; more = 431
     api_token: str | None = None
+    allow_unauthenticated: bool = False  # serve without a token on a non-loopback address, knowingly
+    host: str | None = None  # where Serve's HTTP proxies listen, when build_app cannot ask Serve itself
     ingress_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.25, ge=0)
+    ingress_memory_budget_mib: int = Field(DEFAULT_INGRESS_MEMORY_BUDGET_MIB, ge=1)
+    ingress_max_ongoing_requests: int | None = Field(None, ge=1)  # None = from the memory budget
     retry_after_s: float = Field(DEFAULT_RETRY_AFTER_S, gt=0)
 
     @field_validator("dtype")
@@ -95,12 +127,53 @@ class AppOptions(BaseModel):
             raise ValueError(f"min_replicas {options.min_replicas} > max_replicas {options.max_replicas}")
         return options
 
+    def request_memory_bytes(self) -> int:
+        """The most one request holds in the ingress: its body as read and as parsed, and three decoded
+        RGB images (sketch, reference, background reference) of ``max_input_pixels``."""
+        return 2 * self.max_body_bytes + 3 * 3 * self.max_input_pixels
+
+    def ingress_concurrency(self) -> int:
+        if self.ingress_max_ongoing_requests is not None:
+            return self.ingress_max_ongoing_requests
+        return max(1, self.ingress_memory_budget_mib * 2**20 // self.request_memory_bytes())
+
 
 def read_model_info(folder: str | Path) -> ModelInfo:
     """The API's view of a model folder, from its manifest alone (format and version checked, no weights loaded)."""
     from model.colorizer import read_config
 
     return ModelInfo.from_config(read_config(folder), plugin=(Path(folder) / "plugin").is_dir())
+
+
+# --------------------------------------------------------------------------------------- exposure
+def serve_http_host() -> str | None:
+    """The address Serve's HTTP proxies listen on: the running controller's, else what ``serve.start``
+    would use with no options (Serve's own default: loopback, or ``RAY_SERVE_DEFAULT_HTTP_HOST``)."""
+    import ray
+    from ray.serve.config import HTTPOptions
+
+    if ray.is_initialized():
+        try:
+            from ray.serve.context import _get_global_client
+
+            client = _get_global_client(raise_if_no_controller_running=False)
+            if client is not None:
+                return client.http_config.host
+        except Exception as err:  # a controller we cannot ask: fall back to Serve's default
+            log.warning("could not read Serve's HTTP options (%s); assuming Serve's default host", err)
+    return HTTPOptions().host
+
+
+def check_exposure(options: AppOptions) -> None:
+    """Refuse to serve unauthenticated compute beyond this machine unless that is said explicitly."""
+    host = options.host or serve_http_host()
+    if host is None or is_loopback(host) or options.api_token or options.allow_unauthenticated:
+        return
+    raise ValueError(
+        f"Serve's HTTP proxies listen on {host}, beyond loopback, and no api_token is set: anyone who reaches "
+        "the port could run the model. Set api_token (COLORIZE_API_TOKEN, from a secret), or listen on "
+        "127.0.0.1 (http_options.host), or pass allow_unauthenticated: true if something in front "
+        "authenticates")
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -123,9 +196,8 @@ class ColorizerModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.model = Colorizer.from_pretrained(folder, device=device, dtype=getattr(torch, dtype))
-        self.colorize.set_max_batch_size(max_batch_size)
-        self.colorize.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batches = 0  # colorize_batch calls made (observable through stats())
+        self.runner = ModelRunner(self.model)
+        self.batcher = Batcher(self.runner.run, max_batch_size, batch_wait_timeout_s)
 
     def check_health(self):
         import torch
@@ -136,39 +208,21 @@ class ColorizerModel:
             torch.cuda.synchronize()  # raises when the device is lost
 
     def stats(self) -> dict:
-        return {"batches": self.batches, "device": self.device}
+        """Counters of :class:`serve.runtime.ModelRunner` (batches, calls, steps, cancelled runs, ...)."""
+        return {**self.runner.stats, "queued": self.batcher.queued, "device": self.device}
 
-    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_TIMEOUT_S)
-    async def colorize(self, requests: list[ColorizeRequest]) -> list[dict]:
-        """Each result is ``{"image": array}`` or ``{"error": message}`` (an error stays with its group)."""
-        groups: dict[ColorizeOptions, list[int]] = defaultdict(list)
-        for index, request in enumerate(requests):
-            groups[request.options].append(index)
-        results: list[dict] = [{}] * len(requests)
-        for indices in groups.values():
-            members = [requests[i] for i in indices]
-            try:
-                images = await asyncio.to_thread(self._run_group, members)
-                outcome = [{"image": np.asarray(image)} for image in images]
-            except ValueError as err:
-                outcome = [{"error": str(err)}] * len(members)
-            for i, result in zip(indices, outcome):
-                results[i] = result
-        return results
-
-    def _run_group(self, requests: list[ColorizeRequest]) -> list:
-        """One ``colorize_batch`` call for requests that share their options."""
-        backgrounds = [request.background_reference for request in requests]
-        self.batches += 1
-        return self.model.colorize_batch(
-            [request.sketch for request in requests], [request.reference for request in requests],
-            requests[0].options, seeds=[request.seed for request in requests],
-            background_references=backgrounds if any(b is not None for b in backgrounds) else None)
+    async def colorize(self, request: ColorizeRequest) -> dict:
+        """``{"image": array}`` or ``{"error": message, "status": 422 | 500}``; never raises for a bad
+        request, so one request's failure never reaches its batch-mates. Cancelling the call (the ingress
+        does when its client goes away) stops the generation between steps if nobody else needs it."""
+        return await self.batcher.submit(request)
 
 
 # ---------------------------------------------------------------------------------------------- ingress
 class _HandleBackend:
-    """The API's backend: the model deployment behind a handle; back-pressure becomes :class:`Overloaded`."""
+    """The API's backend: the model deployment behind a handle. Back-pressure and an unreachable model
+    become :class:`Overloaded` (503 + Retry-After); a refused combination a ValueError (422); anything
+    else a generic 500. A cancelled call cancels the model's request too."""
 
     def __init__(self, handle: DeploymentHandle, info: ModelInfo, retry_after_s: float):
         self.handle = handle
@@ -179,32 +233,49 @@ class _HandleBackend:
         return self._info
 
     async def colorize(self, request: ColorizeRequest) -> np.ndarray:
+        import ray
+
+        response = self.handle.colorize.remote(request)
         try:
-            result = await self.handle.colorize.remote(request)
-        except BackPressureError as err:
-            raise Overloaded(f"the model's queue is full; retry in {self.retry_after_s:g} s ({err})",
+            result = await response
+        except asyncio.CancelledError:
+            response.cancel()  # the model stops working for a caller that is gone
+            raise
+        except BackPressureError:
+            raise Overloaded(f"the model's queue is full; retry in {self.retry_after_s:g} s",
                              retry_after_s=self.retry_after_s) from None
-        if "error" in result:
-            raise ValueError(result["error"])
-        return result["image"]
+        except (ray.exceptions.RayError, RayServeException) as err:  # replica died, unavailable, lost, ...
+            log.warning("the model deployment failed a request: %r", err)
+            raise Overloaded(f"the model is unavailable right now; retry in {self.retry_after_s:g} s",
+                             retry_after_s=self.retry_after_s) from None
+        except Exception:
+            log.exception("the model call failed")
+            raise ApiError(FAILED, FAILED_MESSAGE) from None
+        return raise_for_error(result)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=DEFAULT_INGRESS_MAX_ONGOING_REQUESTS)
 @serve.ingress()
 class ColorizeIngress:
     """HTTP front: the FastAPI app of ``serve/api.py``, built on each replica around the model's handle.
 
     The app is late-bound (``__serve_build_asgi_app__``) because its routes need this replica's handle
-    and settings; Serve serves it exactly like ``@serve.ingress(app)``.
+    and settings; Serve serves it exactly like ``@serve.ingress(app)``. Requests whose headers together
+    pass ``max_header_bytes`` get 431 before the app sees them (Serve's proxy has no such limit), and
+    requests that carry Serve's per-request control headers (their own timeout, or "keep running when I
+    disconnect") get 400 before any work is done for them.
     """
 
     def __init__(self, model: DeploymentHandle, folder: str, settings: dict,
-                 retry_after_s: float = DEFAULT_RETRY_AFTER_S):
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S, max_header_bytes: int = MAX_HEADER_BYTES):
         self.backend = _HandleBackend(model, read_model_info(folder), retry_after_s)
         self.settings = Settings(**settings)
+        self.max_header_bytes = max_header_bytes
 
     def __serve_build_asgi_app__(self):
-        return create_app(self.backend, self.settings)
+        app = create_app(self.backend, self.settings)
+        app.add_middleware(HeaderGuard, max_bytes=self.max_header_bytes, refused=SERVE_CONTROL_HEADERS)
+        return app
 
 
 def build_app(args: dict[str, Any] | None = None):
@@ -212,6 +283,7 @@ def build_app(args: dict[str, Any] | None = None):
     options = AppOptions.from_args(args)
     folder = str(Path(options.model).resolve())
     read_model_info(folder)  # fail at deploy time, not on the first request, when the folder is wrong
+    check_exposure(options)
     model = ColorizerModel.options(
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus},
         autoscaling_config={"min_replicas": options.min_replicas, "max_replicas": options.max_replicas,
@@ -223,4 +295,5 @@ def build_app(args: dict[str, Any] | None = None):
                 "api_token": options.api_token or None}
     return ColorizeIngress.options(
         num_replicas=options.ingress_replicas, ray_actor_options={"num_cpus": options.ingress_num_cpus},
-    ).bind(model, folder, settings, options.retry_after_s)
+        max_ongoing_requests=options.ingress_concurrency(),
+    ).bind(model, folder, settings, options.retry_after_s, options.max_header_bytes)

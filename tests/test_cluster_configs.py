@@ -444,6 +444,7 @@ ALLOWED_SERVE_DIFFERENCES = {
     "applications[colorize].args.model",         # the model folder on the cluster's shared volume
     "applications[colorize].args.max_replicas",  # scaled to the worker group's GPUs
     "applications[colorize].runtime_env",        # the code zip (the image has no code)
+    "http_options.host",                         # 0.0.0.0 for the Kubernetes Service; its token comes from a Secret
 }
 
 
