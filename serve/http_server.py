@@ -6,8 +6,8 @@ Plain ``uvicorn`` holds a connection whose headers or body trickle in for as lon
 (its keep-alive timeout only runs between requests), and its default parser, httptools, takes headers
 of any size. :func:`uvicorn_config` gives uvicorn:
 
-- the h11 parser with ``h11_max_incomplete_event_size`` = ``max_header_bytes`` (16 KiB): a larger header
-  block is answered 400 and the connection closed;
+- the h11 parser with ``h11_max_incomplete_event_size`` = ``max_header_bytes`` (16 KiB), which refuses a
+  larger header block while it trickles in, and :class:`HeaderGuard` (431) for one that arrives whole;
 - :class:`GuardedH11Protocol`: a connection must send its complete headers within ``header_timeout_s``
   (10 s) of connecting (or of the first byte of a keep-alive request), and its body within
   ``body_timeout_s`` (60 s: 32 MiB at about 0.5 MiB/s) of the headers; otherwise it is closed (the app,
@@ -146,10 +146,13 @@ def uvicorn_config(app, host: str = "127.0.0.1", port: int = 8000, *, max_header
                    header_timeout_s: float = HEADER_TIMEOUT_S, body_timeout_s: float = BODY_TIMEOUT_S,
                    keep_alive_timeout_s: int = KEEP_ALIVE_TIMEOUT_S, limit_concurrency: int | None = LIMIT_CONCURRENCY,
                    **kwargs):
-    """A ``uvicorn.Config`` for ``app`` with the limits of the module docstring (``kwargs`` go to uvicorn)."""
+    """A ``uvicorn.Config`` for ``app`` with the limits of the module docstring (``kwargs`` go to uvicorn).
+
+    h11's cap only trips while a header block is still incomplete (one that arrives in a single read is
+    parsed whole, whatever its size), so :class:`HeaderGuard` caps the complete block too."""
     import uvicorn
 
-    return uvicorn.Config(app, host=host, port=port, http=_guarded_protocol(header_timeout_s, body_timeout_s),
+    return uvicorn.Config(HeaderGuard(app, max_bytes=max_header_bytes), host=host, port=port, http=_guarded_protocol(header_timeout_s, body_timeout_s),
                           h11_max_incomplete_event_size=max_header_bytes, timeout_keep_alive=keep_alive_timeout_s,
                           limit_concurrency=limit_concurrency, **kwargs)
 
