@@ -25,7 +25,8 @@ Arguments (``build_app(args)``; each also read from the environment as ``COLORIZ
 (the folder, required), ``device`` (``auto``/``cpu``/``cuda``), ``dtype`` (``float32``/``float16``/
 ``bfloat16``), ``num_gpus``, ``num_cpus``, ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``,
 ``max_ongoing_requests``, ``max_queued_requests``, ``max_batch_size``, ``batch_wait_timeout_s``,
-``max_body_bytes``, ``max_input_pixels``, ``max_header_bytes``, ``api_token`` (``COLORIZE_API_TOKEN``;
+``max_body_bytes``, ``max_input_pixels``, ``max_header_bytes``, ``max_decode_bytes``, ``max_concurrent_decodes``,
+``max_sketch_aspect`` (the API's input limits, :class:`serve.api.Settings`), ``api_token`` (``COLORIZE_API_TOKEN``;
 unset = no auth), ``allow_unauthenticated``, ``host``, ``ingress_replicas``, ``ingress_num_cpus``,
 ``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``.
 
@@ -54,7 +55,8 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
-from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_INPUT_PIXELS, DEFAULT_RETRY_AFTER_S, ApiError,
+from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_DECODE_BYTES,
+                       DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_SKETCH_ASPECT, DEFAULT_RETRY_AFTER_S, ApiError,
                        ColorizeRequest, ModelInfo, Overloaded, Settings, create_app)
 from serve.http_server import MAX_HEADER_BYTES, SERVE_CONTROL_HEADERS, HeaderGuard, is_loopback
 from serve.runtime import FAILED, FAILED_MESSAGE, Batcher, ModelRunner, model_thread, raise_for_error
@@ -96,6 +98,9 @@ class AppOptions(BaseModel):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_input_pixels: int = Field(DEFAULT_MAX_INPUT_PIXELS, ge=1)
     max_header_bytes: int = Field(MAX_HEADER_BYTES, ge=1024)  # all request headers together; more = 431
+    max_decode_bytes: int = Field(DEFAULT_MAX_DECODE_BYTES, ge=1)  # a request's decodes, from the image headers
+    max_concurrent_decodes: int = Field(DEFAULT_MAX_CONCURRENT_DECODES, ge=1)  # per ingress replica
+    max_sketch_aspect: float = Field(DEFAULT_MAX_SKETCH_ASPECT, ge=1.0)  # long side over short side
     api_token: str | None = None
     allow_unauthenticated: bool = False  # serve without a token on a non-loopback address, knowingly
     host: str | None = None  # where Serve's HTTP proxies listen, when build_app cannot ask Serve itself
@@ -284,6 +289,14 @@ class ColorizeIngress:
         return app
 
 
+def api_settings(options: AppOptions) -> dict[str, Any]:
+    """The :class:`serve.api.Settings` fields the ingress gets from the app's arguments (kept plain: they
+    travel to the ingress replicas as a bind argument)."""
+    return {"max_body_bytes": options.max_body_bytes, "max_input_pixels": options.max_input_pixels,
+            "api_token": options.api_token or None, "max_decode_bytes": options.max_decode_bytes,
+            "max_concurrent_decodes": options.max_concurrent_decodes, "max_sketch_aspect": options.max_sketch_aspect}
+
+
 def build_app(args: dict[str, Any] | None = None):
     """Serve application builder (``import_path: serve.app:build_app``)."""
     options = AppOptions.from_args(args)
@@ -298,8 +311,7 @@ def build_app(args: dict[str, Any] | None = None):
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
     ).bind(folder, options.device, options.dtype, options.max_batch_size, options.batch_wait_timeout_s)
-    settings = {"max_body_bytes": options.max_body_bytes, "max_input_pixels": options.max_input_pixels,
-                "api_token": options.api_token or None}
+    settings = api_settings(options)
     return ColorizeIngress.options(
         num_replicas=options.ingress_replicas, ray_actor_options={"num_cpus": options.ingress_num_cpus},
         max_ongoing_requests=options.ingress_concurrency(),

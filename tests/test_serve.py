@@ -8,6 +8,7 @@ token, a model with a plugin, one request at a time with a queue of one, to see 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -344,6 +345,18 @@ def test_options_from_env_and_refused_args(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a colorize-xl model folder"):
         build_app({"model": str(tmp_path)})
     assert json.dumps(AppOptions.from_args({}).model_dump())  # env alone is enough
+
+
+def test_every_input_limit_of_the_api_is_an_app_argument():
+    from serve.api import Settings
+    from serve.app import AppOptions, api_settings
+
+    given = {"max_body_bytes": 1000, "max_input_pixels": 2000, "max_decode_bytes": 3000,
+             "max_concurrent_decodes": 3, "max_sketch_aspect": 4.0, "api_token": "t"}
+    settings = Settings(**api_settings(AppOptions.from_args({"model": "/m", **given})))
+    assert {name: getattr(settings, name) for name in given} == given
+    limits = {f.name for f in dataclasses.fields(Settings)} - {"open_paths"}
+    assert limits <= set(AppOptions.model_fields)  # a new API limit must be settable where the app is deployed
 
 
 # ------------------------------------------------------------------------- the artists' page, in Chromium
