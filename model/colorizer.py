@@ -23,18 +23,19 @@ from tqdm import tqdm
 from model import pretrained
 from model.config import ColorizerConfig
 from model.generate import StopCheck, generate_latents
+from model.background import (MaskModels, crop_condition, latent_mask, stretch,
+                              whiten_foreground)
 from model.guidance import Guidance
 from model.images import image_to_tensor, sketch_to_tensor, tensor_to_image
 from model.options import ColorizeOptions
-from model.plugin import plugin_inputs
 from model.projector import ReferenceProjector
 from model.reference_encoders import ClipImageEncoder, Images, WDTagger, freeze
 from model.sampler import training_scheduler
 from model.sizes import fit_size, validate_size
 from model.sketch_encoder import SketchEncoder
-from model.split_attention import split_attention_kwargs
+from model.split_attention import install_split_attention, split_attention_kwargs
 from model.unet import ColorizerUNet, build_unet, injection_points
-from model.vae import build_vae, decode_latents
+from model.vae import build_vae, decode_latents, encode_latents
 from model.vector_condition import vector_condition
 
 FORMAT_NAME = "colorize-xl"
@@ -102,7 +103,9 @@ class Colorizer(nn.Module):
         self.clip = freeze(clip if clip is not None else ClipImageEncoder(config.clip))
         self.vae = freeze(vae if vae is not None else build_vae(config.vae))
         self.noise_scheduler = training_scheduler(config.diffusion)
-        self.plugin = None  # stage 2: a model.plugin.ReferencePlugin, attached by model.plugin.attach_plugin
+        self.plugin = None  # stage 2: a model.plugin.Plugin, attached by model.plugin.attach_plugin
+        self.masks = MaskModels()  # the background modes' mask models (weight-free until learned ones are set)
+        install_split_attention(self.unet.unet)  # stock until a call asks for a split
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -248,8 +251,8 @@ class Colorizer(nn.Module):
         """Color ``sketch`` (a drawing: dark lines on light, PIL or uint8 array) after ``reference``.
 
         ``options`` holds the settings (``None`` = the model's defaults); ``seed`` draws the noise;
-        ``background_reference`` (stage 2) gives the background its own reference. A batch of one:
-        :meth:`colorize_batch` has the details.
+        ``background_reference`` gives the background its own picture (with the plug-in or
+        ``background_enhance``). A batch of one: :meth:`colorize_batch` has the details.
         """
         backgrounds = None if background_reference is None else [background_reference]
         return self.colorize_batch([sketch], [reference], options, seeds=[seed], background_references=backgrounds,
@@ -262,110 +265,134 @@ class Colorizer(nn.Module):
         """Several pairs with the same ``options`` (so at one output size); each item's noise comes from its
         own seed, so an item's result does not depend on what it was batched with.
 
-        Stage 2 (``options.plugin``, on by default when the model has a plugin) runs the plugin once per
-        generation and splits attention into foreground and background (masks from the sketch and the
-        reference); ``background_references`` (per item, or ``None`` entries) give the background its own
-        reference.
+        With the plug-in (``options.plugin``, on by default when the model has one) or
+        ``options.background_enhance``, attention is split into foreground and background (masks from
+        :attr:`masks`): see :meth:`background_conditions`. ``background_references`` (per item, or ``None``
+        entries) give the background its own picture.
 
         ``should_stop`` (a server's "is anybody still waiting?") is asked between denoising steps; when it
         returns True the call raises :class:`model.generate.Cancelled` instead of finishing.
         """
         if not (len(sketches) == len(references) == len(seeds)) or not sketches:
             raise ValueError(f"got {len(sketches)} sketches, {len(references)} references, {len(seeds)} seeds")
-        options = (options if options is not None else ColorizeOptions()).resolved(
-            self.config, self.plugin.config if self.plugin is not None else None)
-        if background_references is not None:
-            if not options.plugin:
-                raise ValueError("a background reference needs the plugin (split attention); it is off or absent")
-            if len(background_references) != len(references):
-                raise ValueError(f"got {len(background_references)} background references for "
-                                 f"{len(references)} references")
+        options = self.resolve(options)
         first = image_to_tensor(sketches[0])
         width, height = self.output_size((first.shape[-1], first.shape[-2]), options.size)
         sketch = torch.cat([sketch_to_tensor(x, (width, height)) for x in sketches])
         reference_images = [image_to_tensor(x) for x in references]
-        split_kwargs = None
-        if options.plugin:
-            context = self.encode_reference(reference_images)
-            vector = vector_condition(height, width, options.aesthetic_score, batch=len(sketches), device=self.device)
-            guidance = Guidance(options.reference_guidance, options.sketch_guidance)
-            split_kwargs = self._plugin_attention(sketches, references, background_references, (width, height),
-                                                  context, vector, guidance, options)
-        else:
-            context = None
-        return tensor_to_image(self._sample(sketch, reference_images, options, seeds, split_kwargs, None, context,
+        backgrounds = None
+        if background_references is not None:
+            if len(background_references) != len(references):
+                raise ValueError(f"got {len(background_references)} background references for "
+                                 f"{len(references)} references")
+            backgrounds = [None if b is None else image_to_tensor(b) for b in background_references]
+        return tensor_to_image(self._sample(sketch, reference_images, options, seeds, None, backgrounds=backgrounds,
                                             should_stop=should_stop))
 
     @torch.no_grad()
     def colorize_tensors(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions | None = None, *,
-                         seeds: list[int], noise: torch.Tensor | None = None) -> torch.Tensor:
+                         seeds: list[int], noise: torch.Tensor | None = None, backgrounds: list | None = None,
+                         sketch_mask: torch.Tensor | None = None,
+                         reference_masks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The tensor-level entry: ``sketch`` (B, 3, H, W) already in model space (inverted, letterboxed,
         in [-1, 1], H and W on the size grid), ``references`` RGB in [0, 1] (a batch, or a list of single
         images of any sizes) → decoded images (B, 3, H, W) in [-1, 1].
 
         ``noise`` (B, C, H/8, W/8) replaces the seeds' initial noise (the seeds still drive the solver's
-        fresh noise): what a parity check against another implementation needs. The plugin needs the
-        drawings themselves for its masks, so stage 2 runs through :meth:`colorize_batch` only.
+        fresh noise): what a parity check against another implementation needs. With split attention
+        (the plug-in or ``background_enhance``), ``backgrounds`` (per item, RGB in [0, 1] or ``None``) and the
+        masks (``sketch_mask`` (B, 1, H, W) soft; ``reference_masks`` per item (1, 1, h, w) binary) replace
+        what :attr:`masks` would compute; see :meth:`background_conditions`.
         """
-        options = (options if options is not None else ColorizeOptions(plugin=False)).resolved(
-            self.config, self.plugin.config if self.plugin is not None else None)
-        if options.plugin:
-            raise ValueError("colorize_tensors runs without the plugin (pass plugin=False); "
-                             "stage 2 runs through colorize_batch")
+        options = self.resolve(options if options is not None else ColorizeOptions(plugin=False))
         if sketch.shape[0] != len(seeds):
             raise ValueError(f"got {sketch.shape[0]} sketches and {len(seeds)} seeds")
         multiple = self.config.size_multiple
         if sketch.shape[-1] % multiple or sketch.shape[-2] % multiple:
             raise ValueError(f"sketch size {sketch.shape[-1]}x{sketch.shape[-2]} is not a multiple of {multiple}")
-        return self._sample(sketch, references, options, seeds, None, noise)
+        return self._sample(sketch, references, options, seeds, noise, backgrounds=backgrounds,
+                            sketch_mask=sketch_mask, reference_masks=reference_masks)
+
+    def resolve(self, options: ColorizeOptions | None) -> ColorizeOptions:
+        """``options`` with this model's defaults filled in (see :meth:`ColorizeOptions.resolved`)."""
+        return (options if options is not None else ColorizeOptions()).resolved(
+            self.config, self.plugin.config if self.plugin is not None else None)
 
     def _sample(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions, seeds: list[int],
-                split_kwargs: dict | None, noise: torch.Tensor | None,
-                context: torch.Tensor | None = None, should_stop: StopCheck | None = None) -> torch.Tensor:
+                noise: torch.Tensor | None, *, backgrounds: list | None = None, sketch_mask=None, reference_masks=None,
+                should_stop: StopCheck | None = None) -> torch.Tensor:
         """Resolved ``options`` → decoded images (B, 3, H, W) in [-1, 1]: the one sampling path
-        (``context``: the references' context when the caller has it already; ``should_stop``: see
-        :func:`model.generate.generate_latents`)."""
+        (``should_stop``: see :func:`model.generate.generate_latents`)."""
         points = len(self.sketch_encoder.points)
         if options.sketch_strengths is not None and len(options.sketch_strengths) != points:
             raise ValueError(f"sketch_strengths needs {points} values (one per injection point), "
                              f"got {len(options.sketch_strengths)}")
+        if backgrounds is not None and not options.splits_attention:
+            raise ValueError("a background reference needs the plug-in or background_enhance; both are off")
         height, width = sketch.shape[-2:]
         device, dtype = self.device, self.dtype
-        if context is None:
+        sketch = sketch.to(device, dtype)
+        if not isinstance(references, torch.Tensor):
+            references = [r.to(device, dtype) for r in references]
+        split_kwargs = None
+        if options.splits_attention:
+            context, split_kwargs = self.background_conditions(sketch, references, options, backgrounds,
+                                                               sketch_mask, reference_masks)
+        else:
             context = self.encode_reference(references)
         vector = vector_condition(height, width, options.aesthetic_score, batch=sketch.shape[0], device=device)
         sketch_strengths = None if options.sketch_strengths is None else list(options.sketch_strengths)
         latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context,
-                                   sketch=sketch.to(device, dtype), vector=vector, seeds=seeds, steps=options.steps,
+                                   sketch=sketch, vector=vector, seeds=seeds, steps=options.steps,
                                    guidance=Guidance(options.reference_guidance, options.sketch_guidance),
                                    sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
                                    reference_strength=options.reference_strength, noise=noise, sampler=options.sampler,
                                    should_stop=should_stop)
         return decode_latents(self.vae, latents)
 
-    def _plugin_attention(self, sketches: list, references: list, background_references: list | None,
-                          size: tuple[int, int], context: torch.Tensor, vector: torch.Tensor, guidance: Guidance,
-                          options: ColorizeOptions) -> dict:
-        """The ``cross_attention_kwargs`` that split attention into foreground and background. The plugin
-        runs here, once per generation: its features serve every sampling step.
+    @torch.no_grad()
+    def background_conditions(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions,
+                              backgrounds: list | None = None, sketch_mask: torch.Tensor | None = None,
+                              reference_masks: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
+        """The context [reference ‖ background reference] (B, 2N, D) and the ``cross_attention_kwargs`` of
+        split attention, as the published code prepares them (:mod:`model.background` has the conventions).
 
-        ``context`` is the references' context; items with a background reference get that one's context
-        for the background, stacked per guidance condition as the U-Net batch is (the reference-free
-        condition sees zeros, as for the foreground).
+        Per item: the background picture is its ``backgrounds`` entry, or the reference with its foreground
+        (reference mask ≥ ``options.reference_mask_threshold``) painted white. With the plug-in, the
+        ReferenceNet reads that picture's latent (stretched to the output size), both masks and the crop, once
+        per generation, and its bank and the background LoRA join the soft split; without it the split is
+        hard at ``options.sketch_mask_threshold``.
         """
-        sketch_mask, reference_mask, reference_latents = plugin_inputs(
-            self, sketches, references, background_references, size)
-        features = self.plugin(reference_latents, sketch_mask, reference_mask, vector)
-        background_context = None
-        if background_references is not None and any(b is not None for b in background_references):
-            given = [i for i, b in enumerate(background_references) if b is not None]
-            background = context.clone()
-            background[given] = self.encode_reference([image_to_tensor(background_references[i]) for i in given])
-            per_condition = {"full": background, "no_reference": torch.zeros_like(background),
-                             "no_sketch": background}
-            background_context = torch.cat([per_condition[c] for c in guidance.conditions])
-        return split_attention_kwargs(sketch_mask, reference_mask, features, background_context,
-                                      foreground_strength=options.foreground_strength,
-                                      background_strength=options.background_strength,
-                                      mask_threshold=options.mask_threshold)
-
+        batch, _, height, width = sketch.shape
+        latent_size = (height // self.config.latent_stride, width // self.config.latent_stride)
+        items = list(references) if not isinstance(references, torch.Tensor) else list(references.split(1))
+        backgrounds = backgrounds if backgrounds is not None else [None] * batch
+        if len(items) != batch or len(backgrounds) != batch:
+            raise ValueError(f"got {len(items)} references and {len(backgrounds)} backgrounds for {batch} sketches")
+        device, dtype = self.device, self.dtype
+        smask = sketch_mask.to(device, torch.float32) if sketch_mask is not None else self.masks.sketch_mask(sketch)
+        pictures, reference_pixel_masks = [], []
+        for i, reference in enumerate(items):
+            reference = reference.to(device, torch.float32) * 2 - 1
+            rmask = (reference_masks[i].to(device, torch.float32) if reference_masks is not None
+                     else self.masks.reference_mask(reference))
+            reference_pixel_masks.append(rmask)
+            given = backgrounds[i]
+            pictures.append(given.to(device, torch.float32) * 2 - 1 if given is not None
+                            else whiten_foreground(reference, rmask, options.reference_mask_threshold))
+        context = self.encode_reference(items)
+        background_context = self.encode_reference([((p + 1) / 2).to(dtype) for p in pictures])
+        context = torch.cat([context, background_context], dim=1)
+        attention_mask = latent_mask(smask, latent_size).to(dtype)
+        bank = None
+        if options.plugin:
+            latents = encode_latents(self.vae, torch.cat([stretch(p, (height, width)) for p in pictures]).to(dtype))
+            rmask_latent = torch.cat([latent_mask(stretch(m, (height, width)), latent_size)
+                                      for m in reference_pixel_masks])
+            smask_latent = latent_mask(stretch(smask, (height, width)), latent_size)
+            crop = crop_condition(height, width, [tuple(p.shape[-2:]) for p in pictures], device=device)
+            bank = self.plugin(latents.to(dtype), smask_latent.to(dtype), rmask_latent.to(dtype), crop)
+        return context, split_attention_kwargs(
+            attention_mask, blend=bool(options.plugin), bank=bank, background_lora=bool(options.plugin),
+            threshold=options.sketch_mask_threshold, foreground_strength=options.foreground_strength,
+            background_strength=options.background_strength, merge_scale=options.merge_scale)

@@ -35,9 +35,13 @@ class TrainingBatch:
     clip_tokens: torch.Tensor
     tagger_tokens: torch.Tensor
     vector_condition: torch.Tensor
-    # stage 2 (plugin) only: reference latents (B, C, h, w) of the letterboxed reference, and the
-    # foreground masks of sketch and reference (B, 1, H, W) in {0, 1} at pixel resolution
-    reference_latents: torch.Tensor | None = None
+    # stage 2 (plugin) only: the background picture (the reference stretched to the target's size with its
+    # foreground whitened): its latents (B, C, h, w) and tokens; the crop [top, left, height, width] of the
+    # target inside the reference (B, 4); the foreground masks of sketch and reference (B, 1, H, W) in [0, 1]
+    background_latents: torch.Tensor | None = None
+    background_clip_tokens: torch.Tensor | None = None
+    background_tagger_tokens: torch.Tensor | None = None
+    crop: torch.Tensor | None = None
     sketch_mask: torch.Tensor | None = None
     reference_mask: torch.Tensor | None = None
 

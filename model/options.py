@@ -49,10 +49,16 @@ class ColorizeOptions:
       (the published model's strength; 0 = no reference).
     - ``sketch_strengths``: one scale per sketch-injection point; ``None`` = 1 everywhere.
     - ``aesthetic_score``: SDXL's aesthetic-score condition; ``None`` = the config's (0 is a score too).
-    - ``plugin``: stage 2 on or off; ``None`` = on when the model has a plugin.
-    - ``foreground_strength``, ``background_strength``: weight of each region's reference, 0..10
-      (stage 2 only).
-    - ``mask_threshold``: which tokens count as foreground, in [0, 1); ``None`` = the plugin's default.
+    - ``plugin``: the stage-2 plug-in (ReferenceNet bank, background LoRA, soft split cross-attention) on or
+      off; ``None`` = on when the model has one.
+    - ``background_enhance``: split cross-attention over [reference ‖ background reference] without the
+      plug-in (the published ``bg_enhance`` of ``sdxl`` models: a hard split at the sketch threshold).
+    - ``foreground_strength``, ``background_strength``: weight of each region's reading of its reference,
+      0..10; ``merge_scale``: how much of the background reading the foreground takes in, 0..1 (both
+      only with the plug-in or ``background_enhance``).
+    - ``sketch_mask_threshold``: sketch-mask value above which a token is foreground in the hard splits
+      (published default 0.05); ``reference_mask_threshold``: reference-mask value from which a pixel is
+      painted white for the background picture (published default 0.5).
     - ``sampler``: one of :data:`SAMPLERS`; ``None`` = ``config.sampling.sampler``.
     """
 
@@ -64,9 +70,12 @@ class ColorizeOptions:
     sketch_strengths: tuple[float, ...] | None = None
     aesthetic_score: float | None = None
     plugin: bool | None = None
+    background_enhance: bool = False
     foreground_strength: float = 1.0
     background_strength: float = 1.0
-    mask_threshold: float | None = None
+    merge_scale: float = 0.0
+    sketch_mask_threshold: float = 0.05
+    reference_mask_threshold: float = 0.5
     sampler: str | None = None
 
     def __post_init__(self):
@@ -99,17 +108,20 @@ class ColorizeOptions:
             self._set_number("aesthetic_score", -math.inf, math.inf)
         if self.plugin is not None and not isinstance(self.plugin, bool):
             raise ValueError(f"plugin must be True, False or None (the model's default), got {self.plugin!r}")
+        if not isinstance(self.background_enhance, bool):
+            raise ValueError(f"background_enhance must be True or False, got {self.background_enhance!r}")
         for name in ("foreground_strength", "background_strength"):
             self._set_number(name, *REGION_STRENGTH_RANGE)
-        if self.mask_threshold is not None:
-            self._set_number("mask_threshold", 0.0, 1.0, high_inclusive=False)
+        self._set_number("merge_scale", 0.0, 1.0)
+        self._set_number("sketch_mask_threshold", 0.0, 1.0, high_inclusive=False)
+        self._set_number("reference_mask_threshold", 0.0, 1.0)
         if self.sampler is not None and (not isinstance(self.sampler, str) or self.sampler not in SAMPLERS):
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
 
     def resolved(self, config: ColorizerConfig, plugin: PluginConfig | None = None) -> ColorizeOptions:
         """These options with the model's defaults filled in: steps, guidance, aesthetic score and sampler
         from ``config.sampling``; ``plugin`` (the model's plugin config, ``None`` when it has no plugin) decides
-        whether the plugin is on and gives the mask threshold. A given size is checked against the
+        whether the plugin is on. A given size is checked against the
         config's size grid. Raises ``ValueError`` for ``plugin=True`` on a model without a plugin."""
         s = config.sampling
         if self.size is not None:
@@ -124,10 +136,13 @@ class ColorizeOptions:
             sketch_guidance=s.sketch_guidance if self.sketch_guidance is None else self.sketch_guidance,
             aesthetic_score=s.aesthetic_score if self.aesthetic_score is None else self.aesthetic_score,
             plugin=plugin is not None if self.plugin is None else self.plugin,
-            mask_threshold=(plugin.mask_threshold if self.mask_threshold is None and plugin is not None
-                            else self.mask_threshold),
             sampler=s.sampler if self.sampler is None else self.sampler,
         )
+
+    @property
+    def splits_attention(self) -> bool:
+        """Whether attention is split into foreground and background (the plug-in or ``background_enhance``)."""
+        return bool(self.plugin) or self.background_enhance
 
     def _set(self, name: str, value) -> None:
         object.__setattr__(self, name, value)  # the dataclass is frozen; this is its own normalization

@@ -1,28 +1,37 @@
-"""Split attention (stage 2): the denoiser's attention layers learn to keep foreground and background apart.
+"""Split attention: the denoiser keeps the sketch's foreground and background apart (stage 2 and the
+background modes of the published model, ColorizeDiffusionXL).
 
-With the sketch's foreground mask resized to each layer's token grid, every query token is foreground or
-background, and one ``scaled_dot_product_attention`` call with a mask lets it see only its own region:
+With the sketch's foreground mask ``m`` brought to each layer's token grid, every query token belongs to the
+foreground (the character) or the background, and:
 
-* decoder self-attention (``attn1`` of the transformer blocks in ``up_blocks``): keys and values are
-  ``[own tokens ‖ plugin tokens]``; a query sees all own tokens plus the plugin tokens of its region
-  (the plugin's grid is split by the reference's foreground mask);
-* cross-attention (every ``attn2``): the context is ``[foreground ‖ background]`` (the background half is
-  the same context unless a separate background reference gives one); a query sees only its region's half.
+* **cross-attention** (every ``attn2``) reads a context of two halves, ``[reference ‖ background
+  reference]``. With the plug-in (``xlv2`` models) the two readings are blended softly,
+  ``out = fg · m + bg · (1 − m)``, with ``fg = fg_s · A(q, fg half) · (1 − merge) + merge · bg`` and
+  ``bg = bg_s · A(q, bg half)``. Without it (``bg_enhance`` on ``sdxl`` models) the split is hard at a
+  threshold: a query reads only its region's half.
+* **decoder self-attention** (``attn1`` of the blocks in ``up_blocks``), when the plug-in's ReferenceNet has
+  written its bank (:mod:`model.plugin`): foreground queries (``m`` above the threshold) attend to their own
+  tokens only, background queries to the bank's tokens only.
+* the plug-in's **background LoRA**: rank-r factors on ``to_q``, ``to_k`` and ``to_v`` of every cross-attention,
+  applied to all tokens while the plug-in is on (the reference merges them into the weights then).
 
-Low-rank adapters on the key/value projections that read plugin tokens or the background context let those
-inputs be projected differently from the layer's own; their up-projections start at zero, so a fresh
-install computes what the stock layer computes. The adapters are ``nn.Module`` processors registered in
-the denoiser (diffusers' way), so they move, cast and checkpoint with it.
+The mask follows the published code: it arrives at the latent grid (1/8 of the pixels) and is resized
+bicubically to each layer's grid (no clamping, so a soft blend may slightly over- or undershoot at edges).
+
+Each split is computed as two ordinary attention calls and a per-query selection or blend, not as one call
+over both halves with a dense (B, heads, N, 2N) additive mask as the reference does: a query's softmax over
+its own half is exactly the masked softmax over both, and the two calls stay on SDPA's fused kernels with
+no mask in memory. ``tests/test_split_attention.py`` checks the identity; ``bench/split_attention.py``
+measures the difference.
 
 Everything per call travels in a :class:`SplitAttentionState` under ``cross_attention_kwargs``, which the
-U-Net hands to every attention processor. Without a state every processor runs diffusers' stock
-``AttnProcessor2_0``, bit for bit.
+U-Net hands to every attention processor. Without one, every processor runs diffusers' stock
+``AttnProcessor2_0``, bit for bit (the LoRA stays off).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,61 +41,65 @@ from torch import nn
 
 STATE_KEY = "split_attention"
 _STOCK = AttnProcessor2_0()
+LORA_PROJECTIONS = ("to_q", "to_k", "to_v")
 
 
 def decoder_self_attention_names(unet: nn.Module) -> list[str]:
-    """Module names of the decoder self-attention layers, e.g.
-    ``up_blocks.0.attentions.0.transformer_blocks.0.attn1`` (the keys of the plugin's features)."""
+    """Module names of the decoder self-attention layers, in forward order, e.g.
+    ``up_blocks.0.attentions.0.transformer_blocks.0.attn1`` (the keys of the plug-in's bank)."""
     return [name for name, module in unet.named_modules()
             if isinstance(module, Attention) and name.startswith("up_blocks.") and name.endswith(".attn1")]
+
+
+def cross_attention_names(unet: nn.Module) -> list[str]:
+    """Module names of every cross-attention layer (``attn2``) in forward order."""
+    return [name for name, module in unet.named_modules() if isinstance(module, Attention) and name.endswith(".attn2")]
 
 
 @dataclass
 class SplitAttentionState:
     """Per-call inputs of the split attention; build it with :func:`split_attention_kwargs`.
 
-    ``sketch_mask`` (b, 1, H, W) foreground of the output in [0, 1] at any resolution of the output's aspect
-    (pixels in practice); ``plugin_tokens`` maps decoder self-attention names to plugin tokens (b, M, C), or
-    is ``None`` (plugin off: self-attention stays stock); ``reference_mask`` (b, 1, H', W') foreground of the
-    plugin's input; ``background_context`` (b, L, D) or ``None`` (= the cross-attention context itself).
-    Tensors whose batch b divides the denoiser's batch are tiled, so guidance conditions stacked
-    condition-major share one state. Strengths weight a region's reference (see the processors).
+    ``sketch_mask`` (b, 1, h, w): the sketch's foreground in [0, 1] at the latent grid. ``blend``: soft
+    cross-attention blend (plug-in) instead of the hard split. ``bank``: ReferenceNet tokens (b, M, C) per
+    decoder self-attention name, or ``None`` (self-attention stays stock). ``background_lora``: apply the
+    cross-attentions' background LoRA. ``threshold``: foreground test ``m > threshold`` of the hard
+    cross-attention split and of the self-attention split. Tensors whose batch b divides the denoiser's
+    batch are tiled, so guidance conditions stacked condition-major share one state.
     """
 
     sketch_mask: torch.Tensor
-    reference_mask: torch.Tensor | None = None
-    plugin_tokens: dict[str, torch.Tensor] | None = None
-    background_context: torch.Tensor | None = None
+    blend: bool = False
+    bank: dict[str, torch.Tensor] | None = None
+    background_lora: bool = False
+    threshold: float = 0.05
     foreground_strength: float = 1.0
     background_strength: float = 1.0
-    mask_threshold: float = 0.5
+    merge_scale: float = 0.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def foreground(self, which: str, tokens: int, batch: int) -> torch.Tensor:
-        """(batch, tokens) bool: which tokens of a grid are foreground, for ``which`` in {"sketch", "reference"}.
-        Masks are area-resized to the grid (the fraction of foreground pixels) and thresholded."""
-        key = (which, tokens, batch)
+    def region(self, tokens: int, batch: int) -> torch.Tensor:
+        """(batch, tokens, 1) float32: the sketch mask resized bicubically to a layer's token grid."""
+        key = (tokens, batch)
         if key not in self._cache:
-            mask = self.sketch_mask if which == "sketch" else self.reference_mask
-            height, width = token_grid(tokens, *mask.shape[-2:])
-            fraction = F.interpolate(mask.float(), size=(height, width), mode="area")
-            self._cache[key] = tile(fraction.flatten(1) > self.mask_threshold, batch)
-        return self._cache[key]
-
-    def cached(self, key, build):
-        if key not in self._cache:
-            self._cache[key] = build()
+            mask = self.sketch_mask.float()
+            grid = token_grid(tokens, *mask.shape[-2:])
+            if grid != tuple(mask.shape[-2:]):
+                mask = F.interpolate(mask, size=grid, mode="bicubic")
+            self._cache[key] = tile(mask.flatten(1)[..., None], batch)
         return self._cache[key]
 
 
 def token_grid(tokens: int, height: int, width: int) -> tuple[int, int]:
-    """The (h, w) grid of ``tokens`` tokens of an image of ``height`` × ``width``, downscaled by a whole factor
-    (the U-Net's convolutions round up)."""
-    factor = round(math.sqrt(height * width / tokens))
-    grid = (-(-height // max(factor, 1)), -(-width // max(factor, 1)))
-    if grid[0] * grid[1] != tokens:
-        raise ValueError(f"{tokens} tokens are no downscaled grid of a {height}x{width} mask")
-    return grid
+    """The (h, w) grid of ``tokens`` tokens of a ``height`` × ``width`` latent, downscaled by a power of two
+    (the U-Net's strided convolutions round up)."""
+    factor = 1
+    while factor <= max(height, width):
+        grid = (-(-height // factor), -(-width // factor))
+        if grid[0] * grid[1] == tokens:
+            return grid
+        factor *= 2
+    raise ValueError(f"{tokens} tokens are no downscaled grid of a {height}x{width} mask")
 
 
 def tile(tensor: torch.Tensor, batch: int) -> torch.Tensor:
@@ -99,131 +112,141 @@ def tile(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.repeat(batch // tensor.shape[0], *([1] * (tensor.dim() - 1)))
 
 
-def split_attention_kwargs(sketch_mask: torch.Tensor, reference_mask: torch.Tensor | None = None,
-                           plugin_tokens: dict[str, torch.Tensor] | None = None,
-                           background_context: torch.Tensor | None = None, *, foreground_strength: float = 1.0,
-                           background_strength: float = 1.0, mask_threshold: float = 0.5) -> dict:
+def split_attention_kwargs(sketch_mask: torch.Tensor, *, blend: bool = False,
+                           bank: dict[str, torch.Tensor] | None = None, background_lora: bool = False,
+                           threshold: float = 0.05, foreground_strength: float = 1.0,
+                           background_strength: float = 1.0, merge_scale: float = 0.0) -> dict:
     """``cross_attention_kwargs`` for :class:`model.unet.ColorizerUNet` that switch the split attention on.
-
-    Shapes as in :class:`SplitAttentionState`; masks may be any float or bool tensor in [0, 1].
-    """
+    The cross-attention context must then be ``[foreground ‖ background]`` halves of equal length."""
     if sketch_mask.dim() != 4 or sketch_mask.shape[1] != 1:
-        raise ValueError(f"sketch_mask must be (B, 1, H, W), got {tuple(sketch_mask.shape)}")
-    if plugin_tokens is not None and (reference_mask is None or reference_mask.dim() != 4):
-        raise ValueError("plugin tokens need the reference mask (B, 1, H, W) that splits them")
+        raise ValueError(f"sketch_mask must be (B, 1, h, w), got {tuple(sketch_mask.shape)}")
     for name, value in (("foreground_strength", foreground_strength), ("background_strength", background_strength)):
         if not 0.0 <= value <= 10.0:
             raise ValueError(f"{name} {value} is outside [0, 10]")
-    if not 0.0 <= mask_threshold < 1.0:
-        raise ValueError(f"mask_threshold {mask_threshold} is outside [0, 1)")
-    return {STATE_KEY: SplitAttentionState(sketch_mask, reference_mask, plugin_tokens, background_context,
+    if not 0.0 <= merge_scale <= 1.0:
+        raise ValueError(f"merge_scale {merge_scale} is outside [0, 1]")
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold {threshold} is outside [0, 1)")
+    return {STATE_KEY: SplitAttentionState(sketch_mask, bool(blend), bank, bool(background_lora), float(threshold),
                                            float(foreground_strength), float(background_strength),
-                                           float(mask_threshold))}
+                                           float(merge_scale))}
 
 
 class LowRankAdapter(nn.Module):
-    """x (…, in) ↦ up(down(x)) (…, out): a rank-r update of a frozen projection; ``up`` starts at zero."""
+    """x (…, in) ↦ up(down(x)) (…, out): a rank-r update of a frozen projection. ``up`` starts at zero (a
+    fresh adapter changes nothing), ``down`` at N(0, 1/r) as the reference's LoRA."""
 
     def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
         self.down = nn.Linear(in_features, rank, bias=False)
         self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1.0 / rank)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))
 
 
-class SplitAttentionProcessor(nn.Module):
-    """Processor of one split layer: ``self_attention`` for decoder ``attn1`` (plugin tokens), otherwise
-    cross-attention (background context). Adapters act on the key/value projections of that second input.
+def _check_plain(attn: Attention, layer_name: str) -> None:
+    unsupported = [flag for flag in ("spatial_norm", "group_norm", "norm_q", "norm_k")
+                   if getattr(attn, flag, None) is not None]
+    if unsupported or attn.residual_connection or attn.norm_cross or attn.rescale_output_factor != 1.0:
+        found = unsupported or "a residual, rescaling or cross-norm"
+        raise ValueError(f"split attention cannot wrap {layer_name}: it uses {found}")
 
-    Strengths: in cross-attention the attention output (before ``to_out``) of foreground queries is scaled
-    by ``foreground_strength`` and of background queries by ``background_strength``; in self-attention
-    the plugin tokens' logits get ``log(strength)`` of the query's region (0 removes the plugin there).
-    """
 
-    def __init__(self, attn: Attention, layer_name: str, self_attention: bool, rank: int):
+class CrossAttentionSplit(nn.Module):
+    """Processor of one cross-attention layer: the split over ``[foreground ‖ background]`` context halves,
+    and the layer's background LoRA (``to_q``, ``to_k``, ``to_v``: :class:`LowRankAdapter` of rank r)."""
+
+    def __init__(self, attn: Attention, layer_name: str):
         super().__init__()
-        unsupported = [flag for flag in ("spatial_norm", "group_norm", "norm_q", "norm_k")
-                       if getattr(attn, flag, None) is not None]
-        if unsupported or attn.residual_connection or attn.norm_cross or attn.rescale_output_factor != 1.0:
-            found = unsupported or "a residual, rescaling or cross-norm"
-            raise ValueError(f"split attention cannot wrap {layer_name}: it uses {found}")
+        _check_plain(attn, layer_name)
         self.layer_name = layer_name
-        self.self_attention = self_attention
-        inner = attn.to_k.out_features
-        self.key_adapter = LowRankAdapter(attn.to_k.in_features, inner, min(rank, inner))
-        self.value_adapter = LowRankAdapter(attn.to_v.in_features, inner, min(rank, inner))
-        self.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+        self.has_lora = False
+
+    def add_lora(self, attn: Attention, rank: int) -> None:
+        """Give the layer its background LoRA (rank ``rank``, a fresh one changes nothing)."""
+        if self.has_lora:
+            raise ValueError(f"{self.layer_name} already has a background LoRA")
+        for projection in LORA_PROJECTIONS:
+            linear = getattr(attn, projection)
+            adapter = LowRankAdapter(linear.in_features, linear.out_features, rank)
+            self.add_module(projection, adapter.to(device=linear.weight.device, dtype=linear.weight.dtype))
+        self.has_lora = True
+
+    def project(self, attn: Attention, name: str, x: torch.Tensor, lora: bool) -> torch.Tensor:
+        out = getattr(attn, name)(x)
+        return out + getattr(self, name)(x) if lora else out
 
     # diffusers passes only the keyword arguments named in ``__call__``'s signature, so it is spelled out
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, split_attention: SplitAttentionState | None = None):
         state = split_attention
-        if state is None or (self.self_attention and state.plugin_tokens is None):
+        if state is None:
             return _STOCK(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if attention_mask is not None or hidden_states.dim() != 3:
-            raise ValueError(f"split attention at {self.layer_name} expects (B, N, C) tokens and no attention mask")
+        if attention_mask is not None or hidden_states.dim() != 3 or encoder_hidden_states is None:
+            raise ValueError(f"split attention at {self.layer_name} expects (B, N, C) tokens, a context and no mask")
+        if encoder_hidden_states.shape[1] % 2:
+            raise ValueError(f"split cross-attention at {self.layer_name} needs a context of two equal halves "
+                             f"[foreground, background]; got {encoder_hidden_states.shape[1]} tokens")
+        lora = state.background_lora
+        if lora and not self.has_lora:
+            raise ValueError(f"the background LoRA is asked for at {self.layer_name}, which has none (no plug-in)")
+        query = self.project(attn, "to_q", hidden_states, lora)
+        key = self.project(attn, "to_k", encoder_hidden_states, lora)
+        value = self.project(attn, "to_v", encoder_hidden_states, lora)
+        fg_key, bg_key = key.chunk(2, dim=1)
+        fg_value, bg_value = value.chunk(2, dim=1)
         batch, tokens, _ = hidden_states.shape
-        if self.self_attention:
-            if self.layer_name not in state.plugin_tokens:
-                raise ValueError(f"plugin tokens have no entry for {self.layer_name}; got {sorted(state.plugin_tokens)}")
-            own, other = hidden_states, tile(state.plugin_tokens[self.layer_name], batch).to(hidden_states.dtype)
+        foreground = attend(attn.heads, query, fg_key, fg_value) * state.foreground_strength
+        background = attend(attn.heads, query, bg_key, bg_value) * state.background_strength
+        if state.merge_scale > 0:
+            foreground = foreground * (1 - state.merge_scale) + background * state.merge_scale
+        mask = state.region(tokens, batch)
+        if state.blend:
+            out = foreground * mask.to(foreground.dtype) + background * (1 - mask).to(foreground.dtype)
+        elif state.merge_scale > 0:  # the reference tests "background below" on this path, "foreground above" else
+            out = torch.where(mask < state.threshold, background, foreground)
         else:
-            own = encoder_hidden_states
-            background = state.background_context
-            other = own if background is None else tile(background, batch).to(own.dtype)
-        key = torch.cat([attn.to_k(own), attn.to_k(other) + self.key_adapter(other)], dim=1)
-        value = torch.cat([attn.to_v(own), attn.to_v(other) + self.value_adapter(other)], dim=1)
-        query_fg = state.foreground("sketch", tokens, batch)
-        if self.self_attention:
-            mask = self._plugin_mask(state, query_fg, own.shape[1], other.shape[1], batch, key.dtype)
-        else:
-            mask = self._halves_mask(state, query_fg, own.shape[1], other.shape[1], batch)
-        out = _attend(attn, attn.to_q(hidden_states), key, value, mask)
-        if not self.self_attention and (state.foreground_strength != 1.0 or state.background_strength != 1.0):
-            out = out * _per_region(query_fg, state).to(out.dtype)[..., None]
+            out = torch.where(mask > state.threshold, foreground, background)
         return attn.to_out[1](attn.to_out[0](out))
 
-    @staticmethod
-    def _plugin_mask(state, query_fg, own_len, plugin_len, batch, dtype):
-        """(B, 1, N, N + M): all own tokens, plus the plugin tokens of the query's region (bool), or the
-        additive form carrying log-strengths when a strength is not 1."""
-        def build():
-            plugin_fg = state.foreground("reference", plugin_len, batch)
-            same = query_fg[:, :, None] == plugin_fg[:, None, :]
-            allowed = torch.cat([same.new_ones(batch, own_len, own_len), same], dim=2)[:, None]
-            if state.foreground_strength == 1.0 and state.background_strength == 1.0:
-                return allowed
-            weights = _per_region(query_fg, state).log()
-            bias = torch.cat([weights.new_zeros(batch, own_len, own_len),
-                              weights[:, :, None].expand(batch, own_len, plugin_len)], dim=2)[:, None]
-            return bias.masked_fill(~allowed, -math.inf).to(dtype)
 
-        return state.cached(("plugin", own_len, plugin_len, batch, dtype), build)
+class BankSelfAttention(nn.Module):
+    """Processor of one decoder self-attention layer: with a ReferenceNet bank in the state, foreground
+    queries attend to their own tokens and background queries to the bank's; otherwise stock."""
 
-    @staticmethod
-    def _halves_mask(state, query_fg, fg_len, bg_len, batch):
-        """(B, 1, N, L + L'): foreground queries see the first half, background queries the second."""
-        def build():
-            first = torch.arange(fg_len + bg_len, device=query_fg.device) < fg_len
-            return (query_fg[:, :, None] == first[None, None, :])[:, None]
+    def __init__(self, attn: Attention, layer_name: str):
+        super().__init__()
+        _check_plain(attn, layer_name)
+        self.layer_name = layer_name
 
-        return state.cached(("halves", query_fg.shape[1], fg_len, bg_len, batch), build)
-
-
-def _per_region(query_fg: torch.Tensor, state: SplitAttentionState) -> torch.Tensor:
-    """(B, N) float32: each query's region strength."""
-    fg = torch.tensor(state.foreground_strength, device=query_fg.device)
-    return torch.where(query_fg, fg, torch.tensor(state.background_strength, device=query_fg.device))
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, split_attention: SplitAttentionState | None = None):
+        state = split_attention
+        if state is None or state.bank is None:
+            return _STOCK(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attention_mask is not None or hidden_states.dim() != 3 or encoder_hidden_states is not None:
+            raise ValueError(f"bank self-attention at {self.layer_name} expects (B, N, C) tokens and nothing else")
+        if self.layer_name not in state.bank:
+            raise ValueError(f"the bank has no entry for {self.layer_name}; it has {len(state.bank)} layers")
+        batch, tokens, _ = hidden_states.shape
+        bank = tile(state.bank[self.layer_name], batch).to(hidden_states.dtype)
+        query = attn.to_q(hidden_states)
+        own = attend(attn.heads, query, attn.to_k(hidden_states), attn.to_v(hidden_states))
+        other = attend(attn.heads, query, attn.to_k(bank), attn.to_v(bank))
+        out = torch.where(state.region(tokens, batch) > state.threshold, own, other)
+        return attn.to_out[1](attn.to_out[0](out))
 
 
-def _attend(attn: Attention, query, key, value, mask) -> torch.Tensor:
-    """Multi-head attention of (B, N, inner) queries over (B, S, inner) keys/values with a (B, 1, N, S) mask."""
-    batch, heads = query.shape[0], attn.heads
+def attend(heads: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention of (B, N, inner) queries over (B, S, inner) keys/values → (B, N, inner);
+    ``mask`` (B, 1 or heads, N, S) bool or additive, for the dense reference form."""
+    batch = query.shape[0]
     head_dim = key.shape[-1] // heads
-    q, k, v = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    q, k, v = (t.reshape(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
 
@@ -237,40 +260,54 @@ class PassThroughProcessor(AttnProcessor2_0):
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
-def install_split_attention(unet: nn.Module, rank: int) -> list[nn.Parameter]:
-    """Put split processors on the decoder self-attention and every cross-attention of a diffusers U-Net,
-    pass-through processors elsewhere; returns the adapters' parameters (the only new trainable ones)."""
-    if rank < 1:
-        raise ValueError(f"adapter rank must be at least 1, got {rank}")
-    if any(isinstance(p, SplitAttentionProcessor) for p in unet.attn_processors.values()):
-        raise ValueError("split attention is already installed on this U-Net")
+def install_split_attention(unet: nn.Module) -> None:
+    """Put split processors on every cross-attention and bank processors on the decoder self-attention of a
+    diffusers U-Net, pass-through processors elsewhere. Without a state they compute what stock diffusers
+    does, so every denoiser gets them (``background_enhance`` needs no plug-in); they hold no parameters
+    until :func:`add_background_lora`."""
+    if any(isinstance(p, CrossAttentionSplit) for p in unet.attn_processors.values()):
+        return
     decoder_self = set(decoder_self_attention_names(unet))
     processors = {}
     for name, module in unet.named_modules():
         if isinstance(module, Attention):
-            if name in decoder_self or name.endswith(".attn2"):
-                processors[f"{name}.processor"] = SplitAttentionProcessor(module, name, name in decoder_self, rank)
+            if name.endswith(".attn2"):
+                processor = CrossAttentionSplit(module, name)
+            elif name in decoder_self:
+                processor = BankSelfAttention(module, name)
             else:
-                processors[f"{name}.processor"] = PassThroughProcessor()
+                processor = PassThroughProcessor()
+            processors[f"{name}.processor"] = processor
     unet.set_attn_processor(processors)
-    return adapter_parameters(unet)
 
 
-def split_processors(unet: nn.Module) -> dict[str, SplitAttentionProcessor]:
-    """Installed split processors keyed by their attention layer's name."""
+def add_background_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Give every cross-attention of ``unet`` its background LoRA of ``rank``; returns the new parameters."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be at least 1, got {rank}")
+    install_split_attention(unet)
+    for name, processor in lora_processors(unet).items():
+        processor.add_lora(unet.get_submodule(name), rank)
+    return lora_parameters(unet)
+
+
+def lora_processors(unet: nn.Module) -> dict[str, CrossAttentionSplit]:
+    """Installed cross-attention processors (which hold the background LoRA, if any) keyed by layer name."""
     return {name.removesuffix(".processor"): p for name, p in unet.attn_processors.items()
-            if isinstance(p, SplitAttentionProcessor)}
+            if isinstance(p, CrossAttentionSplit)}
 
 
-def adapter_parameters(unet: nn.Module) -> list[nn.Parameter]:
-    return [p for processor in split_processors(unet).values() for p in processor.parameters()]
+def lora_parameters(unet: nn.Module) -> list[nn.Parameter]:
+    return [p for processor in lora_processors(unet).values() for p in processor.parameters()]
 
 
-def adapter_modules(unet: nn.Module) -> nn.Module:
-    """A module whose ``state_dict`` is exactly the adapters, keyed by layer name (the processors are
-    shared, not copied): ``up_blocks.0.attentions.0.transformer_blocks.0.attn1.key_adapter.down.weight``."""
+def lora_modules(unet: nn.Module) -> nn.Module:
+    """A module whose ``state_dict`` is exactly the background LoRA, keyed by layer name (the processors are
+    shared, not copied): ``up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.down.weight``."""
     root = nn.Module()
-    for name, processor in split_processors(unet).items():
+    for name, processor in lora_processors(unet).items():
+        if not processor.has_lora:
+            continue
         *path, leaf = name.split(".")
         parent = root
         for part in path:
