@@ -34,7 +34,10 @@ def pixels(image):
     ({"plugin": "yes"}, "plugin must be True, False or None"),
     ({"foreground_strength": 11}, "foreground_strength 11 is outside \\[0, 10\\]"),
     ({"background_strength": -1.0}, "background_strength -1.0 is outside \\[0, 10\\]"),
-    ({"mask_threshold": 1.0}, "mask_threshold 1.0 is outside \\[0, 1\\)"),
+    ({"sketch_mask_threshold": 1.0}, "sketch_mask_threshold 1.0 is outside \\[0, 1\\)"),
+    ({"reference_mask_threshold": 1.5}, "reference_mask_threshold 1.5 is outside \\[0, 1\\]"),
+    ({"merge_scale": 2}, "merge_scale 2 is outside \\[0, 1\\]"),
+    ({"background_enhance": 1}, "background_enhance must be True or False"),
 ])
 def test_bad_values_are_refused_with_the_field_and_value(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -56,14 +59,16 @@ def test_resolved_fills_the_model_defaults_from_its_config():
     resolved = ColorizeOptions().resolved(config)
     assert (resolved.steps, resolved.reference_guidance, resolved.sketch_guidance, resolved.aesthetic_score,
             resolved.sampler) == (s.steps, s.reference_guidance, s.sketch_guidance, s.aesthetic_score, s.sampler)
-    assert resolved.plugin is False and resolved.mask_threshold is None  # no plugin: off, and no threshold
+    assert resolved.plugin is False and not resolved.splits_attention  # no plugin: off
+    assert (resolved.sketch_mask_threshold, resolved.reference_mask_threshold) == (0.05, 0.5)  # as published
     assert resolved.size is None  # its default depends on the sketch (Colorizer.output_size)
     assert resolved.resolved(config) == resolved
 
-    with_plugin = ColorizeOptions().resolved(config, PluginConfig(mask_threshold=0.25))
-    assert (with_plugin.plugin, with_plugin.mask_threshold) == (True, 0.25)
+    with_plugin = ColorizeOptions().resolved(config, PluginConfig())
+    assert with_plugin.plugin is True and with_plugin.splits_attention
+    assert ColorizeOptions(background_enhance=True).resolved(config).splits_attention
     chosen = ColorizeOptions(size=(96, 64), steps=3, reference_guidance=2.0, sketch_guidance=1.5, aesthetic_score=5.0,
-                             plugin=False, mask_threshold=0.6, sampler="ddim")
+                             plugin=False, sketch_mask_threshold=0.6, merge_scale=0.3, sampler="ddim")
     assert chosen.resolved(config, PluginConfig()) == chosen  # what is given is kept
 
 
