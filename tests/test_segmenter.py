@@ -6,18 +6,27 @@ formats and loaded back; the published layout is checked on the meta device, whi
 
 from __future__ import annotations
 
+import importlib.util
 import re
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from pipelines.data.birefnet import BiRefNetConfig
 from pipelines.data.segmenter import (
+    MASKERS,
     SEGMENTERS,
     ForegroundSegmenter,
     ISNetDIS,
+    Masker,
+    build_masker,
     build_segmenter,
+    load_masker,
     load_segmenter,
+    reference_mask,
+    sketch_mask,
 )
 
 TINY = 8
@@ -92,8 +101,8 @@ def _tiny_net(seed: int = 0) -> ISNetDIS:
 
 def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert list(a) == list(b)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
 
 
 # ------------------------------------------------------------------------------------- published layout
@@ -289,11 +298,20 @@ def test_isnetis_letterboxes_onto_black_without_inverting():
     assert (canvas[:, :, :8] == 0).all() and (canvas[:, :, 24:] == 0).all()
 
 
-def test_isnet_sketch_squashes_and_inverts():
+def test_isnet_sketch_squashes_and_feeds_the_references_white_sketch():
+    """The reference feeds ``white_sketch = -sketch``, sketch in [-1, 1]: 0.25 → 2 * 0.25 - 1 → 0.5."""
     segmenter = build_segmenter("isnet-sketch", width=TINY, input_size=32).eval()
     canvas = _net_input(segmenter, torch.full((1, 3, 20, 40), 0.25))
     assert canvas.shape == (1, 3, 32, 32)
-    assert torch.allclose(canvas, torch.tensor(0.75))
+    assert torch.allclose(canvas, torch.tensor(0.5))
+
+
+def test_isnet_sketch_segmenter_equals_sketch_mask():
+    torch.manual_seed(0)
+    segmenter = build_segmenter("isnet-sketch", width=TINY, input_size=64).eval()
+    masker = Masker("isnet-sketch", "isnet", segmenter.net, 64)
+    drawing = torch.rand(2, 3, 37, 53)  # dark lines on white, [0, 1]
+    assert torch.allclose(segmenter(drawing), sketch_mask(masker, 1 - 2 * drawing), atol=1e-5)
 
 
 def test_output_covers_only_the_image_area():
@@ -397,3 +415,97 @@ def test_unreadable_formats(tmp_path):
     onnx.write_bytes(b"not weights")
     with pytest.raises(ValueError, match="unknown weights format"):
         load_segmenter("isnetis", onnx, width=TINY)
+
+
+# ------------------------------------------------------------------- reference-convention maskers
+
+PARITY = Path(__file__).parent / "fixtures" / "parity_masks"
+
+
+@pytest.fixture(scope="module")
+def parity():
+    """Inputs/outputs of the reference's rmbg_proceed and ISNetDIS.proceed (see make_fixtures.py)."""
+    spec = importlib.util.spec_from_file_location("parity_masks_make_fixtures", PARITY / "make_fixtures.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe, load_file(PARITY / "parity_masks.safetensors")
+
+
+@pytest.fixture(scope="module")
+def parity_isnet(parity):
+    """The published-width ISNet filled by the recipe, at the fixture's square."""
+    recipe, fx = parity
+    masker = build_masker("isnet", input_size=recipe.MASKER_SIDE)
+    filled = recipe.seeded_state(masker.net.state_dict())
+    assert recipe.checksum(filled) == pytest.approx(fx["isnet_checksum"].item(), rel=1e-12)
+    masker.net.load_state_dict(filled, strict=False)
+    return masker
+
+
+@pytest.mark.parametrize("dilate", [True, False])
+def test_reference_mask_matches_rmbg_proceed(parity, dilate):
+    recipe, fx = parity
+    swin = recipe.TINY_SWIN
+    cfg = BiRefNetConfig(embed_dim=swin["embed_dim"], depths=tuple(swin["depths"]),
+                         num_heads=tuple(swin["num_heads"]), window_size=swin["window_size"], patch_order="channel")
+    masker = build_masker("birefnet", birefnet_config=cfg, input_size=recipe.MASKER_SIDE)
+    masker.net.load_state_dict(recipe.seeded_state(masker.net.state_dict()), strict=False)
+    mask = reference_mask(masker, fx["rmbg_input"], dilate=dilate)
+    expected = fx[f"rmbg_mask_dilate{int(dilate)}"]
+    assert mask.shape == expected.shape == (2, 1, 48, 40)
+    assert torch.equal(mask, expected)  # measured: identical
+    assert 0 < expected.mean() < 1
+
+
+def test_reference_mask_matches_isnet_proceed_crop(parity, parity_isnet):
+    """ISNet as reference masker: proceed(crop=True, dilate=True), then the app's binarisation at 0.5."""
+    _, fx = parity
+    mask = reference_mask(parity_isnet, fx["isnet_input"])
+    assert torch.equal(mask, fx["isnet_mask_dilate1"])
+    # The soft map before binarising, with and without the dilation (the real check: values, not 0/1).
+    from pipelines.data.segmenter import _dilate, _isnet_crop_probability
+
+    soft = _isnet_crop_probability(parity_isnet, fx["isnet_input"])
+    assert (soft - fx["isnet_soft_dilate0"]).abs().max() < 1e-5  # measured: 0.0
+    assert (_dilate(soft) - fx["isnet_soft_dilate1"]).abs().max() < 1e-5
+
+
+def test_sketch_mask_matches_isnet_proceed_without_crop(parity, parity_isnet):
+    _, fx = parity
+    soft = sketch_mask(parity_isnet, fx["sketch_input"], 50, 66)
+    expected = fx["sketch_mask"]
+    assert soft.shape == expected.shape == (1, 1, 50, 66)
+    assert (soft - expected).abs().max() < 1e-5  # measured: 0.0
+    assert expected.std() > 0  # soft, not thresholded
+
+
+def test_masker_registry_and_errors(tmp_path):
+    assert set(MASKERS) == {"rmbg-2.0", "birefnet", "birefnet-hr", "isnet", "isnet-sketch"}
+    assert MASKERS["birefnet-hr"].input_size == 2048 and MASKERS["rmbg-2.0"].input_size == 1024
+    with pytest.raises(ValueError, match="unknown masker"):
+        build_masker("u2net")
+    masker = build_masker("isnet-sketch", width=TINY, input_size=32)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        reference_mask(masker, torch.zeros(1, 1, 8, 8))
+    tiny = build_masker("birefnet", birefnet_config=BiRefNetConfig.tiny(), input_size=32)
+    with pytest.raises(ValueError, match="sketch's size"):
+        sketch_mask(tiny, torch.zeros(1, 3, 32, 32), 40, 40)
+
+
+def test_isnet_masker_loads_published_files(tmp_path):
+    torch.manual_seed(0)
+    net = _tiny_net()
+    path = tmp_path / "sketch-segment.safetensors"
+    save_file(net.state_dict(), path)
+    masker = load_masker("isnet-sketch", path, width=TINY, input_size=32)
+    white = torch.rand(1, 3, 24, 30) * 2 - 1
+    soft = sketch_mask(masker, white)
+    assert soft.shape == (1, 1, 24, 30) and 0 <= soft.min() and soft.max() <= 1
+    binary = reference_mask(load_masker("isnet", path, width=TINY, input_size=32), white, dilate=False)
+    assert set(binary.unique().tolist()) <= {0.0, 1.0}
+    broken = dict(net.state_dict())
+    broken.pop("side1.weight")
+    save_file(broken, path)
+    with pytest.raises(ValueError, match="side1.weight") as err:
+        load_masker("isnet", path, width=TINY)
+    assert str(path) in str(err.value)

@@ -16,23 +16,31 @@ the output is ``(B, 1, H, W)`` foreground probability in [0, 1] at the input siz
 fitted into an ``input_size`` square (1024, the training size of ``isnetis``), no mean/std normalization.
 
 * ``isnetis`` (alias ``isnet``): as SkyTNT's ``inference.py``: aspect kept, centred on a black square canvas.
-* ``isnet-sketch``: as the reference's ``proceed(..., crop=False)`` for sketch masks: squashed to the
-  square and inverted (the net sees light lines on black), so pass a sketch as dark lines on white.
+* ``isnet-sketch``: as the reference's sketch-mask call ``proceed(x=white_sketch, th, tw, crop=False)``:
+  squashed to the square (bicubic) and fed as the reference's ``white_sketch``, which is ``-sketch`` with
+  ``sketch`` in [-1, 1] (``backend/functool.py``, ``preprocess_sketch``, ``new=False`` as the app calls it):
+  a dark-on-white drawing ``x`` in [0, 1] reaches the net as ``1 - 2x``, light lines on black in [-1, 1].
+  ``proceed`` itself neither inverts nor rescales on this path; the inversion is in ``white_sketch``.
 
-(The reference's ``proceed`` inverts the input for every ISNet variant, the colour one included; we follow
-the training convention of ``isnetis`` instead, which never inverts.)
+The reference-convention maskers (:func:`reference_mask`, :func:`sketch_mask`, :func:`load_masker`) follow
+the reference code step by step instead, inputs in [-1, 1] as the reference holds them: RMBG-2.0 /
+BiRefNet (:mod:`pipelines.data.birefnet`) through ``rmbg_proceed``, ISNet through ``ISNetDIS.proceed``.
+(The reference's ``proceed(crop=True)``, its reference-mask path, does invert: ``1 - (x + 1) / 2`` on a
+canvas padded with -1; :func:`reference_mask` does the same for an ISNet masker.)
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from model.weights import PathLike, check_and_load, read_state_dict, under_prefix
+from pipelines.data.birefnet import BiRefNet, BiRefNetConfig, PatchOrder
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +170,12 @@ class ISNetDIS(nn.Module):
 # ------------------------------------------------------------------------------------------ segmenter
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _resize(x: torch.Tensor, size: tuple[int, int], resample: str = "bilinear") -> torch.Tensor:
+    """Bilinear (antialiased when shrinking), or plain bicubic as the reference's ISNet ``proceed``."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
+    if resample == "bicubic":
+        return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
     shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
@@ -175,7 +186,9 @@ class ForegroundSegmenter(nn.Module):
     ``forward(images)``: ``(B, 3, H, W)`` floats in [0, 1] (on any device; moved to the net's) →
     ``(B, 1, H, W)`` probabilities in [0, 1], on the images' device and in their dtype. The image is
     resized to fit an ``input_size`` square: with ``letterbox`` its longer side fills it and the rest is
-    ``pad_value``; without, it is squashed to the square. ``invert`` feeds ``1 - x`` (after padding).
+    ``pad_value``; without, it is squashed to the square. ``invert`` feeds ``1 - x`` (after padding),
+    ``signed`` maps the result to [-1, 1] (``2 v - 1``). ``resample``: ``bilinear`` (antialiased when
+    shrinking) or ``bicubic`` (plain, as the reference's ISNet ``proceed``), both ways.
     The probability map is cropped back to the image area and resized to ``(H, W)``.
     """
 
@@ -186,8 +199,12 @@ class ForegroundSegmenter(nn.Module):
         invert: bool = False,
         letterbox: bool = True,
         pad_value: float = 0.0,
+        signed: bool = False,
+        resample: str = "bilinear",
     ):
         super().__init__()
+        if resample not in ("bilinear", "bicubic"):
+            raise ValueError(f"resample must be 'bilinear' or 'bicubic', got {resample!r}")
         if input_size < 1:
             raise ValueError(f"input_size must be positive, got {input_size}")
         self.net = net
@@ -195,22 +212,26 @@ class ForegroundSegmenter(nn.Module):
         self.invert = invert
         self.letterbox = letterbox
         self.pad_value = float(pad_value)
+        self.signed = signed
+        self.resample = resample
 
     def _net_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         """The square the net sees, and where the image lies in it (top, left, height, width)."""
         s = self.input_size
         height, width = x.shape[-2:]
         if not self.letterbox:
-            canvas = _resize(x, (s, s))
+            canvas = _resize(x, (s, s), self.resample)
             box = (0, 0, s, s)
         else:
             scale = s / max(height, width)
             h, w = max(1, min(s, round(height * scale))), max(1, min(s, round(width * scale)))
             top, left = (s - h) // 2, (s - w) // 2
             canvas = x.new_full((x.shape[0], x.shape[1], s, s), self.pad_value)
-            canvas[:, :, top:top + h, left:left + w] = _resize(x, (h, w))
+            canvas[:, :, top:top + h, left:left + w] = _resize(x, (h, w), self.resample)
             box = (top, left, h, w)
-        return (1.0 - canvas if self.invert else canvas), box
+        if self.invert:
+            canvas = 1.0 - canvas
+        return (2.0 * canvas - 1.0 if self.signed else canvas), box
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -225,7 +246,7 @@ class ForegroundSegmenter(nn.Module):
         canvas, (top, left, h, w) = self._net_input(images.to(device=weight.device, dtype=torch.float32))
         logits = self.net(canvas.to(weight.dtype))
         prob = torch.sigmoid(logits.float())[:, :, top:top + h, left:left + w]
-        prob = _resize(prob, (height, width)).clamp_(0.0, 1.0)
+        prob = _resize(prob, (height, width), self.resample).clamp_(0.0, 1.0)
         return prob.to(device=images.device, dtype=images.dtype)
 
     def mask(self, images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
@@ -247,6 +268,8 @@ class SegmenterSpec:
     invert: bool = False
     letterbox: bool = True
     pad_value: float = 0.0
+    signed: bool = False
+    resample: str = "bilinear"
 
     def build(self, width: int = PUBLISHED_WIDTH, input_size: int | None = None) -> ForegroundSegmenter:
         return ForegroundSegmenter(
@@ -255,6 +278,8 @@ class SegmenterSpec:
             invert=self.invert,
             letterbox=self.letterbox,
             pad_value=self.pad_value,
+            signed=self.signed,
+            resample=self.resample,
         )
 
 
@@ -265,8 +290,10 @@ SEGMENTERS: dict[str, SegmenterSpec] = {
     ),
     "isnet-sketch": SegmenterSpec(
         "ColorizeDiffusionXL sketch-segment.safetensors (same ISNet-DIS): line drawings given as dark lines on "
-        "white, squashed to 1024 and inverted, as the reference's sketch-mask call",
+        "white, squashed to 1024 (bicubic) and fed as 1 - 2x, the reference's white_sketch (sketch_mask)",
         invert=True,
+        signed=True,
+        resample="bicubic",
         letterbox=False,
         pad_value=1.0,  # white paper, used only if letterboxing is switched on
     ),
@@ -326,3 +353,205 @@ def load_segmenter(
     segmenter.requires_grad_(False)
     logger.info("loaded %s segmenter (%d tensors) from %s", name, len(state), weights_path)
     return segmenter.eval()
+
+
+# ------------------------------------------------------------------- reference-convention maskers
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DILATE_KERNEL = 21  # the reference's max-pool widening of a reference mask (stride 1, padding 10)
+
+
+@dataclass(frozen=True)
+class MaskerSpec:
+    """How the reference builds and feeds one mask model (``preprocessor/__init__.py``)."""
+
+    arch: str  # "birefnet" (rmbg_proceed) or "isnet" (ISNetDIS.proceed)
+    input_size: int
+    description: str
+    patch_order: PatchOrder = "channel"  # BiRefNet only: see pipelines.data.birefnet
+
+
+MASKERS: dict[str, MaskerSpec] = {
+    "rmbg-2.0": MaskerSpec("birefnet", 1024, "briaai/RMBG-2.0 model.safetensors, the reference's default "
+                           "reference masker (rmbg-v2)", patch_order="column"),
+    "birefnet": MaskerSpec("birefnet", 1024, "ZhengPeng7/BiRefNet model.safetensors (BiRefNet)"),
+    "birefnet-hr": MaskerSpec("birefnet", 2048, "ZhengPeng7/BiRefNet_HR model.safetensors (BiRefNet_HR)"),
+    "isnet": MaskerSpec("isnet", 1024, "isnetis.safetensors (ISNet): anime-segmentation ISNet-DIS"),
+    "isnet-sketch": MaskerSpec("isnet", 1024, "sketch-segment.safetensors (ISNet-sketch), the sketch masker"),
+}
+
+
+class Masker(nn.Module):
+    """A mask net and how the reference feeds it; use :func:`reference_mask` and :func:`sketch_mask`.
+
+    ``net``: :class:`~pipelines.data.birefnet.BiRefNet` or :class:`ISNetDIS` (logits out);
+    ``input_size``: the square the reference resizes to (1024; 2048 for ``birefnet-hr``).
+    """
+
+    def __init__(self, name: str, arch: str, net: nn.Module, input_size: int):
+        super().__init__()
+        if arch not in ("birefnet", "isnet"):
+            raise ValueError(f"unknown masker architecture {arch!r}")
+        self.name, self.arch, self.net, self.input_size = name, arch, net, int(input_size)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """Foreground probability of a net-ready float32 batch (net in its own dtype, sigmoid in float32)."""
+        weight = next(self.net.parameters())
+        return torch.sigmoid(self.net(x.to(device=weight.device, dtype=weight.dtype)).float())
+
+
+def _spec(name: str) -> MaskerSpec:
+    if name not in MASKERS:
+        raise ValueError(f"unknown masker {name!r}; known: {', '.join(sorted(MASKERS))}")
+    return MASKERS[name]
+
+
+def build_masker(
+    name: str,
+    *,
+    birefnet_config: BiRefNetConfig | None = None,
+    width: int = PUBLISHED_WIDTH,
+    input_size: int | None = None,
+) -> Masker:
+    """A randomly initialized masker of a registered kind, in eval mode.
+
+    ``birefnet_config`` (BiRefNet kinds; default: published Swin-L with the kind's patch order) and
+    ``width`` (ISNet kinds) shrink the net for tests; ``input_size`` overrides the published square.
+    """
+    spec = _spec(name)
+    if spec.arch == "birefnet":
+        net: nn.Module = BiRefNet(birefnet_config or BiRefNetConfig(patch_order=spec.patch_order))
+    else:
+        net = ISNetDIS(width)
+    return Masker(name, spec.arch, net, spec.input_size if input_size is None else input_size).eval()
+
+
+def resolve_weights(path: PathLike) -> Path:
+    """The weights file itself, or ``model.safetensors`` inside a Hugging Face snapshot folder."""
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "model.safetensors"
+        if not inside.is_file():
+            raise FileNotFoundError(f"{path} is a folder without model.safetensors")
+        return inside
+    if not path.exists():
+        raise FileNotFoundError(f"masker weights not found: {path}")
+    return path
+
+
+def load_masker(
+    name: str,
+    weights_path: PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    birefnet_config: BiRefNetConfig | None = None,
+    width: int = PUBLISHED_WIDTH,
+    input_size: int | None = None,
+) -> Masker:
+    """A registered masker filled strictly from local weights, eval mode, gradients off.
+
+    ``name``: ``rmbg-2.0``, ``birefnet``, ``birefnet-hr``, ``isnet`` or ``isnet-sketch``.
+    ``weights_path``: a ``.safetensors`` / torch file, or a Hugging Face folder holding
+    ``model.safetensors`` (as ``briaai/RMBG-2.0``). Missing, unexpected or mis-shaped keys raise a
+    ``ValueError`` naming the file; BatchNorm counters and Swin's ``relative_position_index`` (both
+    recomputable) may be absent. Nothing is downloaded and no remote code runs.
+    """
+    spec = _spec(name)
+    path = resolve_weights(weights_path)
+    masker = build_masker(name, birefnet_config=birefnet_config, width=width, input_size=input_size)
+    if spec.arch == "birefnet":
+        state = read_state_dict(path)
+        optional = (".num_batches_tracked", ".relative_position_index")
+    else:
+        state = read_segmenter_weights(path)
+        optional = (".num_batches_tracked",)
+    check_and_load(masker.net, state, path, optional_suffixes=optional, target=f"the {name} masker")
+    masker.to(device=device, dtype=dtype)
+    masker.requires_grad_(False)
+    logger.info("loaded %s masker (%d tensors) from %s", name, len(state), path)
+    return masker.eval()
+
+
+def _check_images(images: torch.Tensor, what: str) -> None:
+    if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"expected {what} of shape (B, 3, H, W), floating point in [-1, 1]; got "
+                         f"{tuple(images.shape)} {images.dtype}")
+
+
+def _dilate(mask: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(mask, kernel_size=DILATE_KERNEL, stride=1, padding=DILATE_KERNEL // 2)
+
+
+def _rmbg_probability(masker: Masker, x: torch.Tensor) -> torch.Tensor:
+    """``rmbg_proceed`` up to the resize back: [-1, 1] → [0, 1] → square (torchvision's bilinear,
+    antialiased) → ImageNet normalization → ``sigmoid(model(x)[-1])`` → bilinear back to (h, w)."""
+    h, w = x.shape[-2:]
+    s = masker.input_size
+    x = F.interpolate((x + 1.0) / 2.0, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+    mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    prob = masker._run((x - mean) / std)
+    return F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _isnet_crop_probability(masker: Masker, x: torch.Tensor) -> torch.Tensor:
+    """``ISNetDIS.proceed(crop=True)``: fitted (bicubic, by the scale factor) onto a -1 canvas, mapped to
+    ``1 - (v + 1) / 2``, and the image area of the probability map resized (bicubic) back, clamped."""
+    b, c, h, w = x.shape
+    s = masker.input_size
+    scale = s / max(h, w)
+    fh, fw = int(h * scale), int(w * scale)
+    top, left = (s - fh) // 2, (s - fw) // 2
+    canvas = x.new_full((b, c, s, s), -1.0)
+    canvas[:, :, top:top + fh, left:left + fw] = F.interpolate(x, scale_factor=scale, mode="bicubic")
+    prob = masker._run(1.0 - (canvas + 1.0) / 2.0)[:, :, top:top + fh, left:left + fw]
+    return F.interpolate(prob, size=(h, w), mode="bicubic").clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def reference_mask(masker: Masker, images: torch.Tensor, dilate: bool = True) -> torch.Tensor:
+    """The reference's ``rmask``: ``(B, 3, H, W)`` RGB in [-1, 1] → ``(B, 1, H, W)`` in {0., 1.}.
+
+    BiRefNet kinds follow ``rmbg_proceed``; ISNet kinds ``ISNetDIS.proceed(crop=True)``. With ``dilate``
+    (the app's setting) the probability map is widened by a 21x21 max-pool before the app's binarisation
+    at 0.5 (``> 0.5`` is foreground). Returned on the images' device and in their dtype.
+    """
+    _check_images(images, "images")
+    x = images.float()
+    if masker.arch == "birefnet":
+        prob = _rmbg_probability(masker, x)
+    else:
+        prob = _isnet_crop_probability(masker, x)
+    if dilate:
+        prob = _dilate(prob)
+    return (prob > 0.5).to(device=images.device, dtype=images.dtype)
+
+
+@torch.no_grad()
+def sketch_mask(
+    masker: Masker, white_sketch: torch.Tensor, height: int | None = None, width: int | None = None
+) -> torch.Tensor:
+    """The reference's ``smask``: a SOFT ``(B, 1, height, width)`` foreground in [0, 1] of a sketch.
+
+    ``white_sketch``: ``(B, 3, H, W)`` in [-1, 1], the reference's ``white_sketch = -sketch`` (a dark-on-
+    white drawing ``x`` in [0, 1] gives ``1 - 2 x``). ISNet kinds follow ``ISNetDIS.proceed(crop=False)``:
+    bicubic to the square, sigmoid, bicubic to (height, width) (default: the input size), clamped. A
+    BiRefNet kind follows ``rmbg_proceed`` without dilation and is binary; it needs (height, width) equal
+    to the input size (the reference pads otherwise, which the app never asks for).
+    """
+    _check_images(white_sketch, "white_sketch")
+    h, w = white_sketch.shape[-2:]
+    height, width = height or h, width or w
+    x = white_sketch.float()
+    if masker.arch == "birefnet":
+        if (height, width) != (h, w):
+            raise ValueError(f"a BiRefNet sketch mask comes at the sketch's size {h}x{w}, not {height}x{width}")
+        mask = (_rmbg_probability(masker, x) > 0.5).float()
+    else:
+        s = masker.input_size
+        prob = masker._run(F.interpolate(x, size=(s, s), mode="bicubic"))
+        mask = F.interpolate(prob, size=(height, width), mode="bicubic").clamp(0.0, 1.0)
+    return mask.to(device=white_sketch.device, dtype=white_sketch.dtype)
