@@ -6,10 +6,12 @@ The authors release single files in their training code's layout:
 * ``sdxl*.safetensors``: the backbone. ``model.diffusion_model.*`` (SGM-layout U-Net),
   ``first_stage_model.*`` (LDM-layout VAE), ``control_encoder.*`` (the sketch encoder), ``proj.*`` (the
   projector) and twelve DDPM schedule buffers (``betas``, ``alphas_cumprod``, ...).
-* ``xlv2*.safetensors``: the same backbone plus the background plug-in: ``bg_encoder.*`` (a ReferenceNet),
-  low-rank ``attn2.to_{q,k,v}.lora_{down,up}_background`` adapters inside the U-Net and ``conv_fg``.
-  The plug-in has no counterpart here yet (plug-in parity is its own issue), so an ``xlv2`` file is only
-  imported with ``backbone_only=True``, which drops those groups and says how many tensors each held.
+* ``xlv2*.safetensors``: the same backbone plus the background plug-in: ``bg_encoder.*`` (a ReferenceNet,
+  SGM layout), low-rank ``attn2.to_{q,k,v}.lora_{down,up}_background`` adapters inside the U-Net and
+  ``conv_fg`` (a foreground input conv that the published inference never runs). The ReferenceNet becomes
+  the plug-in's ``reference_net`` (:class:`model.plugin.ReferenceNet`) and the adapters its background LoRA
+  (:func:`model.split_attention.add_background_lora`), so the model folder gets a ``plugin/`` folder;
+  ``conv_fg`` is dropped and counted. ``backbone_only=True`` drops the whole plug-in instead.
 
 The frozen encoders are not in those files; the reference code loads them from their own releases, and so
 does :func:`import_checkpoint`: CLIP ViT-bigG-14 (OpenCLIP or transformers layout, see
@@ -18,7 +20,12 @@ does :func:`import_checkpoint`: CLIP ViT-bigG-14 (OpenCLIP or transformers layou
 
 Mapping: the U-Net and VAE go through diffusers' SGM/LDM converters (:mod:`model.pretrained`); the sketch
 encoder and projector keep the reference's key names, so their prefix is stripped and the strict loader
-checks every key and shape. The schedule buffers are compared with ours (:class:`DiffusionConfig`) and
+checks every key and shape. The ReferenceNet goes through the U-Net's converter too (at the ReferenceNet's
+6 input channels and 4-sinusoid add-embedding); the converter also yields the decoder resnet after the
+last bank block and that block's upsampler (the reference builds them but never uses their output), which
+are dropped and counted. Each LoRA factor lands on the diffusers name of its layer, read off the same
+converter (``lora_down`` (r, in) → ``down``, ``lora_up`` (out, r) → ``up``); the rank comes from the
+file's shapes. The schedule buffers are compared with ours (:class:`DiffusionConfig`) and
 dropped. The parameterization is v-prediction unless the file name contains ``eps`` (the reference's rule).
 
 Everything is read tensor by tensor at the target dtype into modules built on the meta device
@@ -34,13 +41,18 @@ from pathlib import Path
 
 import torch
 
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
 from model import pretrained
 from model.colorizer import Colorizer
-from model.config import ColorizerConfig, DiffusionConfig, sdxl
+from model.config import ColorizerConfig, DiffusionConfig, UNetConfig, sdxl
+from model.plugin import Plugin, PluginConfig, reference_net_kwargs
 from model.reference_encoders import ClipImageEncoder
+from model.split_attention import add_background_lora, lora_modules
 from model.unet import build_unet
 from model.vae import build_vae
-from model.weights import PathLike, build_and_load, check_and_load, listing, read_state_dict, tensor_shapes
+from model.weights import (PathLike, build_and_load, check_and_load, listing, read_state_dict, shape_of,
+                           tensor_shapes)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -53,14 +65,17 @@ SCHEDULE_BUFFERS = (
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
 CHECKED_BUFFERS = ("betas", "alphas_cumprod")
-# Groups of the xlv2 plug-in that have no counterpart here: name → (what it is, how its keys look).
-UNSUPPORTED = {
+REFERENCE_NET_PREFIX = "bg_encoder."
+LORA_KEY = re.compile(r"model\.diffusion_model\.(?P<layer>.*\.attn2\.to_[qkv])\.lora_(?P<factor>down|up)_background\.weight")
+# Groups of the xlv2 plug-in: name → (what it is, how its keys look).
+PLUGIN_GROUPS = {
     "bg_encoder": ("the plug-in's ReferenceNet (bg_encoder.*)", re.compile(r"bg_encoder\.")),
     "background_lora": ("the plug-in's background LoRA in the U-Net (attn2.to_{q,k,v}.lora_*_background)",
                         re.compile(r"model\.diffusion_model\..*\.attn2\.to_[qkv]\.lora_(down|up)_background\.")),
     "conv_fg": ("the plug-in's foreground input conv (model.diffusion_model.conv_fg.*)",
                 re.compile(r"model\.diffusion_model\.conv_fg\.")),
 }
+CONV_FG_DROPPED = "the U-Net's foreground input conv conv_fg.* (unused by the published inference)"
 PARTS = ("unet", "vae", "sketch_encoder", "projector")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PREDICTIONS = {"v": "v_prediction", "eps": "epsilon"}
@@ -75,25 +90,25 @@ class KeyGroups:
 
     parts: dict[str, tuple[str, ...]]  # PARTS → file keys
     schedule: tuple[str, ...]
-    unsupported: dict[str, tuple[str, ...]]  # UNSUPPORTED names present → file keys
+    plugin: dict[str, tuple[str, ...]]  # PLUGIN_GROUPS names present → file keys
     unknown: tuple[str, ...]
 
     @property
     def kind(self) -> str:
-        return "xlv2" if self.unsupported else "sdxl"
+        return "xlv2" if self.plugin else "sdxl"
 
 
 def group_keys(keys: Iterable[str]) -> KeyGroups:
     """Sort file keys by the part they load into (plug-in groups first: they share the U-Net's prefix)."""
     parts: dict[str, list[str]] = {part: [] for part in PARTS}
-    unsupported: dict[str, list[str]] = {}
+    plugin: dict[str, list[str]] = {}
     schedule, unknown = [], []
     prefixes = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "sketch_encoder": SKETCH_ENCODER_PREFIX,
                 "projector": PROJECTOR_PREFIX}
     for key in sorted(keys):
-        group = next((name for name, (_, pattern) in UNSUPPORTED.items() if pattern.match(key)), None)
+        group = next((name for name, (_, pattern) in PLUGIN_GROUPS.items() if pattern.match(key)), None)
         if group is not None:
-            unsupported.setdefault(group, []).append(key)
+            plugin.setdefault(group, []).append(key)
             continue
         part = next((part for part, prefix in prefixes.items() if key.startswith(prefix)), None)
         if part is not None:
@@ -103,22 +118,26 @@ def group_keys(keys: Iterable[str]) -> KeyGroups:
         else:
             unknown.append(key)
     return KeyGroups({p: tuple(k) for p, k in parts.items()}, tuple(schedule),
-                     {g: tuple(k) for g, k in unsupported.items()}, tuple(unknown))
+                     {g: tuple(k) for g, k in plugin.items()}, tuple(unknown))
 
 
 def check_groups(groups: KeyGroups, shapes: Mapping[str, tuple[int, ...]], path: PathLike,
                  backbone_only: bool) -> None:
-    """Refuse a file with tensors of no known part, an ``xlv2`` file without ``backbone_only``, or one
-    without the schedule buffers that :func:`check_schedule` compares."""
+    """Refuse a file with tensors of no known part, an ``xlv2`` file that lacks half of its plug-in (the
+    ReferenceNet or the background LoRA; unless ``backbone_only``), or one without the schedule buffers
+    that :func:`check_schedule` compares."""
     if groups.unknown:
         rows = [f"{key}: found {shapes[key]}" for key in groups.unknown]
         raise ValueError(f"{path}: {len(rows)} tensors belong to no part of a ColorizeDiffusionXL sdxl/xlv2 "
                          f"checkpoint (is this another model's file?):{listing(rows)}")
-    if groups.unsupported and not backbone_only:
-        rows = [f"{UNSUPPORTED[g][0]}: {len(keys)} tensors" for g, keys in groups.unsupported.items()]
-        raise ValueError(f"{path} is an xlv2 checkpoint (backbone + background plug-in); the plug-in cannot be "
-                         f"imported yet:{listing(rows)}\n  Import its backbone alone with --backbone-only "
-                         f"(backbone_only=True), which drops these groups, or import an sdxl* file.")
+    plugin = {g: keys for g, keys in groups.plugin.items() if g != "conv_fg"}
+    if plugin and not backbone_only:
+        absent = [g for g in ("bg_encoder", "background_lora") if g not in plugin]
+        if absent:
+            rows = [f"{PLUGIN_GROUPS[g][0]}: {len(keys)} tensors" for g, keys in plugin.items()]
+            rows += [f"{PLUGIN_GROUPS[g][0]}: none" for g in absent]
+            raise ValueError(f"{path} holds only part of the xlv2 plug-in:{listing(rows)}\n  Import its backbone "
+                             f"alone with --backbone-only (backbone_only=True), which drops the plug-in.")
     missing = [key for key in CHECKED_BUFFERS if key not in groups.schedule]
     if missing:
         raise ValueError(f"{path}: the DDPM schedule buffers {missing} are missing; they are needed to check "
@@ -202,11 +221,76 @@ def map_part(part: str, tensors: dict[str, torch.Tensor], config: ColorizerConfi
     return {key[len(prefix):]: value for key, value in tensors.items()}
 
 
+def reference_net_dropped_prefixes(unet: UNetConfig) -> tuple[str, ...]:
+    """Diffusers-name prefixes of the converted ReferenceNet tensors that have no place in ours: the decoder
+    resnet after the last block with a bank layer (the reference's ``discard_final_layers`` keeps the first
+    layer of the top level) and that last block's upsampler (the reference runs both; nothing reads them)."""
+    last = max(i for i, attention in enumerate(reversed(unet.attention_levels)) if attention)
+    return f"up_blocks.{last}.upsamplers.0.", f"up_blocks.{last + 1}.resnets.0."
+
+
+def map_reference_net(tensors: Mapping[str, torch.Tensor], unet: UNetConfig,
+                      path: PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``bg_encoder.*`` tensors (SGM layout) → (our ReferenceNet's ``UNet2DConditionModel`` keys, the
+    diffusers keys dropped by :func:`reference_net_dropped_prefixes`). Works on meta tensors too."""
+    renamed = {UNET_PREFIX + key[len(REFERENCE_NET_PREFIX):]: value for key, value in tensors.items()}
+    converted = pretrained._convert_ldm(convert_ldm_unet_checkpoint, renamed, reference_net_kwargs(unet), Path(path))
+    prefixes = reference_net_dropped_prefixes(unet)
+    dropped = sorted(key for key in converted if key.startswith(prefixes))
+    return {key: value for key, value in converted.items() if not key.startswith(prefixes)}, dropped
+
+
+def lora_layer_names(unet_shapes: Mapping[str, tuple[int, ...]], config: ColorizerConfig,
+                     path: PathLike) -> dict[str, str]:
+    """SGM projection name (``input_blocks.4.1.transformer_blocks.0.attn2.to_q``) → diffusers name
+    (``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q``), read off the U-Net converter run on the
+    file's U-Net listing (meta tensors: each converted tensor is one of the file's)."""
+    listing_ = {key: torch.empty(shape, device="meta") for key, shape in unet_shapes.items()}
+    by_id = {id(value): key for key, value in listing_.items()}
+    names = {}
+    for ours, value in pretrained.unet_from_ldm(listing_, config.unet, path).items():
+        theirs = by_id.get(id(value)) or by_id.get(id(value._base))
+        if theirs is not None and ours.endswith(".weight") and ".attn2.to_" in ours:
+            names[theirs[len(UNET_PREFIX):].removesuffix(".weight")] = ours.removesuffix(".weight")
+    return names
+
+
+def map_lora(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], path: PathLike) -> dict[str, torch.Tensor]:
+    """``...attn2.to_q.lora_{down,up}_background.weight`` → ``<diffusers layer>.to_q.{down,up}.weight`` (the
+    keys of :func:`model.split_attention.lora_modules`); a layer the U-Net does not have is refused."""
+    mapped, orphans = {}, []
+    for key, value in tensors.items():
+        match = LORA_KEY.fullmatch(key)
+        layer = names.get(match["layer"]) if match else None
+        if layer is None:
+            orphans.append(f"{key}: found {shape_of(value)}")
+            continue
+        mapped[f"{layer}.{match['factor']}.weight"] = value
+    if orphans:
+        raise ValueError(f"{path}: {len(orphans)} background LoRA tensors belong to no cross-attention "
+                         f"projection of the U-Net:{listing(orphans)}")
+    return mapped
+
+
+def lora_rank(tensors: Mapping[str, tuple[int, ...]], path: PathLike) -> int:
+    """The background LoRA's rank: the first dimension of every ``lora_down`` (which must agree)."""
+    ranks = {key: shape[0] for key, shape in tensors.items() if "lora_down_background" in key and len(shape) == 2}
+    if not ranks or len(set(ranks.values())) != 1:
+        rows = [f"{key}: found {tuple(shape)}" for key, shape in tensors.items() if "lora_down_background" in key]
+        raise ValueError(f"{path}: cannot read the background LoRA's rank (one (r, in) lora_down per "
+                         f"projection, the same r everywhere):{listing(rows or ['no lora_down tensors'])}")
+    return next(iter(ranks.values()))
+
+
 TARGETS = {
     "unet": f"the U-Net ({UNET_PREFIX}* in the file, SGM layout, shown in diffusers names)",
     "vae": f"the VAE ({VAE_PREFIX}* in the file, LDM layout, shown in diffusers names)",
     "sketch_encoder": f"the sketch encoder ({SKETCH_ENCODER_PREFIX}* in the file)",
     "projector": f"the projector ({PROJECTOR_PREFIX}* in the file)",
+    "reference_net": f"the plug-in's ReferenceNet ({REFERENCE_NET_PREFIX}* in the file, SGM layout, shown as "
+                     f"reference_net.unet.<diffusers name>)",
+    "background_lora": "the plug-in's background LoRA (model.diffusion_model.*.attn2.to_{q,k,v}.lora_{down,up}_"
+                       "background in the file, shown as <diffusers layer>.to_{q,k,v}.{down,up}.weight)",
 }
 
 
@@ -259,7 +343,7 @@ def import_checkpoint(
 ) -> ImportReport:
     """A colorize-xl model folder at ``out`` from a published ColorizeDiffusionXL file and its encoders.
 
-    ``cdxl``: an ``sdxl*`` file (or ``xlv2*`` with ``backbone_only``); ``clip``: CLIP ViT-bigG-14, OpenCLIP
+    ``cdxl``: an ``sdxl*`` or ``xlv2*`` file (``backbone_only``: leave an xlv2 file's plug-in out); ``clip``: CLIP ViT-bigG-14, OpenCLIP
     or transformers layout, file or folder; ``tagger_weights``/``tagger_tags``: the WD SwinV2 tagger's
     ``model.safetensors`` and ``selected_tags.csv``. ``prediction``: ``"v"``/``"eps"`` to override the
     file-name rule. ``config``: the architecture (default the ``sdxl`` preset; tests pass smaller ones).
@@ -306,6 +390,10 @@ def import_checkpoint(
     tagger = pretrained.load_tagger(tagger_weights, tagger_tags, config.tagger, dtype=dtype)
     report.loaded["tagger"] = len(tagger.model.state_dict())
 
+    plugin_state = None
+    if groups.kind == "xlv2" and not backbone_only:
+        plugin_state = _read_plugin(cdxl, groups, shapes, config, dtype, report, log)
+
     with torch.device("meta"):
         clip_encoder = ClipImageEncoder(config.clip)
     clip_encoder.visual = clip_visual
@@ -315,11 +403,52 @@ def import_checkpoint(
         check_and_load(getattr(model, part), state, cdxl, target=TARGETS[part])
         getattr(model, part).to(dtype)
         report.loaded[part] = len(state)
+    if plugin_state is not None:
+        _attach_plugin(model, plugin_state, cdxl, dtype)
+        report.loaded["plugin.reference_net"] = len(plugin_state["reference_net"])
+        report.loaded["plugin.background_lora"] = len(plugin_state["background_lora"])
     model.eval()
 
     report.dropped[f"DDPM schedule buffers (checked {', '.join(CHECKED_BUFFERS)} against ours)"] = len(groups.schedule)
-    for group, keys in groups.unsupported.items():
-        report.dropped[f"{UNSUPPORTED[group][0]}, not supported yet (--backbone-only)"] = len(keys)
+    for group, keys in groups.plugin.items():
+        if backbone_only:
+            report.dropped[f"{PLUGIN_GROUPS[group][0]} (--backbone-only)"] = len(keys)
+        elif group == "conv_fg":
+            report.dropped[CONV_FG_DROPPED] = len(keys)
+    if plugin_state is not None and plugin_state["dropped"]:
+        report.dropped["the ReferenceNet's layers after its last bank block (" + ", ".join(
+            reference_net_dropped_prefixes(config.unet)) + "*: unused)"] = len(plugin_state["dropped"])
     log(f"writing {out}")
     model.save_pretrained(out)
     return report
+
+
+def _read_plugin(cdxl: Path, groups: KeyGroups, shapes: Mapping[str, tuple[int, ...]], config: ColorizerConfig,
+                 dtype: torch.dtype, report: ImportReport, log: Callable[[str], None]) -> dict:
+    """The xlv2 plug-in's tensors under our names, checked against a meta-built plug-in (every refusal names
+    the file keys or our keys with the shapes) before anything is built for real."""
+    lora_keys = groups.plugin["background_lora"]
+    rank = lora_rank({key: shapes[key] for key in lora_keys}, cdxl)
+    log(f"reading the plug-in's ReferenceNet ({len(groups.plugin['bg_encoder'])} tensors) and background LoRA "
+        f"({len(lora_keys)} tensors, rank {rank})")
+    reference_net, dropped = map_reference_net(_read(cdxl, groups.plugin["bg_encoder"], dtype), config.unet, cdxl)
+    names = lora_layer_names({key: shapes[key] for key in groups.parts["unet"]}, config, cdxl)
+    lora = map_lora(_read(cdxl, lora_keys, dtype), names, cdxl)
+    report.converted.append(f"ReferenceNet: {len(groups.plugin['bg_encoder'])} SGM tensors to diffusers names")
+    report.converted.append(f"background LoRA: {len(lora_keys)} tensors to the diffusers cross-attention names "
+                            f"(rank {rank})")
+    return {"config": PluginConfig(lora_rank=rank), "reference_net": reference_net, "background_lora": lora,
+            "dropped": dropped}
+
+
+def _attach_plugin(model: Colorizer, state: dict, cdxl: Path, dtype: torch.dtype) -> None:
+    """What :func:`model.plugin.attach_plugin` does, with the ReferenceNet built on the meta device and filled
+    from the file (no float32 copy of a second U-Net), then the LoRA checked and loaded."""
+    plugin_config = state["config"]
+    plugin, _ = build_and_load(lambda: Plugin(model.config.unet, plugin_config),
+                               {f"reference_net.unet.{k}": v for k, v in state["reference_net"].items()}, cdxl,
+                               dtype=dtype, target=TARGETS["reference_net"])
+    denoiser = model.unet.unet
+    add_background_lora(denoiser, plugin_config.lora_rank)
+    check_and_load(lora_modules(denoiser), state["background_lora"], cdxl, target=TARGETS["background_lora"])
+    model.plugin = plugin.to(device=model.device, dtype=model.dtype)

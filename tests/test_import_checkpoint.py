@@ -24,11 +24,15 @@ from model.cdxl_checkpoint import (
     SKETCH_ENCODER_PREFIX,
     group_keys,
     import_checkpoint,
+    lora_layer_names,
+    map_lora,
     map_part,
+    map_reference_net,
     reference_schedule_buffers,
 )
 from model.colorizer import Colorizer
 from model.config import ClipVisionConfig, ColorizerConfig, TaggerConfig, sdxl, tiny
+from model.plugin import plugin_state_keys
 from model.pretrained import clip_vision_from_hf, load_clip_vision, load_tagger, load_unet
 from model.reference_encoders import WDTagger
 from model.unet import build_unet
@@ -75,7 +79,7 @@ def test_listings_group_as_documented(sdxl_groups):
     assert counts == {"unet": 1680, "vae": 248, "sketch_encoder": 47, "projector": 13}
     assert len(sdxl_groups.schedule) == 12 and not sdxl_groups.unknown and sdxl_groups.kind == "sdxl"
     xlv2 = group_keys(CHECKPOINT_KEYS["xlv2"])
-    assert {g: len(k) for g, k in xlv2.unsupported.items()} == {"bg_encoder": 1162, "background_lora": 420, "conv_fg": 2}
+    assert {g: len(k) for g, k in xlv2.plugin.items()} == {"bg_encoder": 1162, "background_lora": 420, "conv_fg": 2}
     assert xlv2.parts == sdxl_groups.parts and not xlv2.unknown and xlv2.kind == "xlv2"
 
 
@@ -101,6 +105,30 @@ def test_every_sdxl_key_maps_onto_the_sdxl_preset_with_its_shape(sdxl_groups):
     assert len(hf) + len(tagger) == len(encoders)
     assert shapes_of(clip_vision_from_hf(hf, "clip")) == shapes_of(model.clip.visual.state_dict())
     assert shapes_of(tagger) == shapes_of(model.tagger.model.state_dict())
+
+
+def test_every_xlv2_plugin_key_maps_onto_the_sdxl_preset_with_its_shape():
+    """The ReferenceNet (after dropping the decoder resnet and upsampler it never uses) and the background LoRA
+    (rank 4) of the published listing fill our plug-in at the ``sdxl`` preset exactly, key by key and shape by
+    shape."""
+    from model.plugin import Plugin, PluginConfig
+    from model.split_attention import add_background_lora, lora_modules
+
+    keys = CHECKPOINT_KEYS["xlv2"]
+    groups = group_keys(keys)
+    cfg = sdxl()
+    reference_net, dropped = map_reference_net(meta_listing({k: keys[k] for k in groups.plugin["bg_encoder"]}),
+                                               cfg.unet, "xlv2.safetensors")
+    assert sorted({".".join(key.split(".")[:3]) for key in dropped}) == ["up_blocks.1.upsamplers", "up_blocks.2.resnets"]
+    assert len(dropped) == 14
+    names = lora_layer_names({k: keys[k] for k in groups.parts["unet"]}, cfg, "xlv2.safetensors")
+    lora = map_lora(meta_listing({k: keys[k] for k in groups.plugin["background_lora"]}), names, "xlv2.safetensors")
+    with torch.device("meta"):
+        plugin = Plugin(cfg.unet, PluginConfig(lora_rank=4))
+        unet = build_unet(cfg.unet)
+        add_background_lora(unet, 4)
+    assert shapes_of(reference_net) == shapes_of(plugin.reference_net.unet.state_dict())
+    assert shapes_of(lora) == shapes_of(lora_modules(unet).state_dict())
 
 
 # --------------------------------------------------------------------------------- meta + assign loading
@@ -242,6 +270,64 @@ def published(tmp_path_factory, sdxl_groups):
             "tagger": {k: v.detach().clone() for k, v in tagger.model.state_dict().items()}}
 
 
+XLV2_RANK = 3
+
+
+@pytest.fixture(scope="module")
+def xlv2(published):
+    """A reduced ``xlv2`` file: the reduced ``sdxl`` file plus the plug-in's published keys (ReferenceNet
+    ``bg_encoder.*`` at in_channels 6 and a 4-sinusoid add-embedding, every attn2 LoRA factor at rank 3 with
+    non-zero ``up``, ``conv_fg``), written from a randomized stock diffusers U-Net of the ReferenceNet's
+    constructor arguments. ``ours``: plug-in file key (``model.plugin``'s names) → published key."""
+    from model.plugin import reference_net_kwargs
+    from diffusers import UNet2DConditionModel
+
+    cfg = published["config"]
+    keys = CHECKPOINT_KEYS["xlv2"]
+    groups = group_keys(keys)
+    listing = meta_listing({key: keys[key] for key in groups.plugin["bg_encoder"]})
+    kept, dropped = map_reference_net(dict(listing), sdxl().unet, "listing")
+    full = _convert_with_drops(listing)  # diffusers key → published key, dropped ones included
+    assert set(full) == set(kept) | set(dropped) and len(dropped) == 14
+    stock = randomized(UNet2DConditionModel(**reference_net_kwargs(cfg.unet)), 20).state_dict()
+    file = dict(published["checkpoint"])
+    for ours, theirs in full.items():
+        value = stock[ours]
+        rank = len(keys[theirs])
+        file[theirs] = value.reshape(*value.shape, *[1] * (rank - value.ndim)).half().contiguous()
+    assert {theirs for theirs in full.values()} == set(groups.plugin["bg_encoder"])
+    ours_to_file = {f"reference_net.{ours}": theirs for ours, theirs in full.items() if ours in kept}
+    layer_names = lora_layer_names({key: keys[key] for key in groups.parts["unet"]}, sdxl(), "listing")
+    denoiser = published["states"]["unet"]
+    generator = torch.Generator().manual_seed(21)
+    for key in groups.plugin["background_lora"]:
+        layer, factor = re.fullmatch(r"model\.diffusion_model\.(.*\.attn2\.to_[qkv])\.lora_(down|up)_background\.weight",
+                                     key).groups()
+        ours = layer_names[layer]
+        out_features, in_features = denoiser[f"{ours}.weight"].shape
+        shape = (XLV2_RANK, in_features) if factor == "down" else (out_features, XLV2_RANK)
+        file[key] = (torch.randn(shape, generator=generator) * 0.2).half()
+        ours_to_file[f"background_lora.{ours}.{factor}.weight"] = key
+    channels = cfg.unet.block_out_channels[0]
+    file["model.diffusion_model.conv_fg.weight"] = torch.randn(channels, 4, 3, 3, generator=generator).half()
+    file["model.diffusion_model.conv_fg.bias"] = torch.randn(channels, generator=generator).half()
+    assert set(file) == set(keys)  # exactly the published names, at reduced widths
+    save_file(file, published["root"] / "xlv2_reduced.safetensors")
+    return {"file": file, "ours": ours_to_file}
+
+
+def _convert_with_drops(listing: dict[str, torch.Tensor]) -> dict[str, str]:
+    """diffusers key → published key of every ``bg_encoder.*`` tensor (dropped ones included), by running the
+    U-Net converter on the listing at the ReferenceNet's arguments."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from model.plugin import reference_net_kwargs
+
+    by_id = {id(value): key for key, value in listing.items()}
+    renamed = {"model.diffusion_model." + key[len("bg_encoder."):]: value for key, value in listing.items()}
+    converted = convert_ldm_unet_checkpoint(renamed, reference_net_kwargs(sdxl().unet))
+    return {ours: by_id[id(value)] for ours, value in converted.items()}
+
+
 def run_import(published, out, checkpoint=None, name="sdxl_reduced.safetensors", **kwargs):
     root = published["root"]
     path = root / name
@@ -324,26 +410,77 @@ def test_unknown_tensors_are_refused(published, tmp_path):
         run_import(published, tmp_path / "m", checkpoint, name="unknown.safetensors")
 
 
-def test_xlv2_needs_backbone_only_and_reports_what_it_drops(published, tmp_path):
-    checkpoint = dict(published["checkpoint"])
-    lora = [key for key in CHECKPOINT_KEYS["xlv2"] if "lora" in key][:6]
-    extra = {key: torch.zeros(2, 2, dtype=torch.float16) for key in lora}
-    extra.update({"bg_encoder.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3, dtype=torch.float16),
-                  "bg_encoder.input_blocks.0.0.bias": torch.zeros(8, dtype=torch.float16),
-                  "model.diffusion_model.conv_fg.weight": torch.zeros(32, 4, 3, 3, dtype=torch.float16),
-                  "model.diffusion_model.conv_fg.bias": torch.zeros(32, dtype=torch.float16)})
-    checkpoint.update(extra)
-    with pytest.raises(ValueError) as info:
-        run_import(published, tmp_path / "x", checkpoint, name="xlv2_reduced.safetensors")
-    message = str(info.value)
-    assert "xlv2 checkpoint" in message and "--backbone-only" in message
-    assert re.search(r"ReferenceNet \(bg_encoder\.\*\): 2 tensors", message)
-    assert re.search(r"background LoRA .*: 6 tensors", message) and re.search(r"conv_fg\.\*\): 2 tensors", message)
-
+def test_xlv2_backbone_only_drops_and_counts_the_plugin(published, xlv2, tmp_path):
     report, _ = run_import(published, tmp_path / "x", name="xlv2_reduced.safetensors", backbone_only=True)
+    assert report.kind == "xlv2" and report.loaded["unet"] == 1680 and "plugin.reference_net" not in report.loaded
+    assert sorted(report.dropped.values()) == [2, 12, 420, 1162]
+    assert any("ReferenceNet" in line and "1162 tensors" in line and "--backbone-only" in line
+               for line in report.lines())
+    assert not (tmp_path / "x" / "plugin").exists()
+    assert Colorizer.from_pretrained(tmp_path / "x", components=()).plugin is None
+
+
+def test_xlv2_file_imports_with_its_plugin(published, xlv2, tmp_path):
+    """Every published plug-in tensor lands in the loaded model under its diffusers name; conv_fg and the
+    ReferenceNet's unused tail are dropped and counted."""
+    report, _ = run_import(published, tmp_path / "m", name="xlv2_reduced.safetensors", dtype=torch.float32)
     assert report.kind == "xlv2" and report.loaded["unet"] == 1680
-    assert sorted(report.dropped.values()) == [2, 2, 6, 12]
-    assert any("ReferenceNet" in line and "2 tensors" in line for line in report.lines())
+    assert report.loaded["plugin.reference_net"] == 1148 and report.loaded["plugin.background_lora"] == 420
+    dropped = {what: count for what, count in report.dropped.items() if "DDPM" not in what}
+    assert sorted(dropped.values()) == [2, 14]
+    text = "\n".join(report.lines())
+    assert re.search(r"dropped 2 tensors: .*conv_fg", text)
+    assert re.search(r"dropped 14 tensors: .*up_blocks\.1\.upsamplers\.0\.\*?, up_blocks\.2\.resnets\.0\.", text)
+    assert "rank 3" in text
+
+    config = json.loads((tmp_path / "m" / "plugin" / "config.json").read_text())
+    assert config["lora_rank"] == 3
+    model = Colorizer.from_pretrained(tmp_path / "m", components=("unet",))
+    assert model.plugin is not None and model.plugin.config.lora_rank == 3
+    state = plugin_state_keys(model)
+    assert len(state) == len(xlv2["ours"]) == 1148 + 420
+    from model.plugin import _weights_view
+
+    loaded = _weights_view(model).state_dict()
+    assert set(loaded) == set(xlv2["ours"])
+    for ours, theirs in xlv2["ours"].items():
+        assert torch.equal(loaded[ours], xlv2["file"][theirs].float().reshape(loaded[ours].shape)), (ours, theirs)
+    backbone = published["states"]["unet"]
+    for key, value in model.unet.unet.state_dict().items():  # the backbone is untouched by the plug-in
+        if ".processor." not in key:  # the LoRA lives in the processors
+            assert torch.equal(value, backbone[key].half().float()), key
+
+
+def test_xlv2_refusals_name_the_keys_and_shapes(published, xlv2, tmp_path):
+    file = xlv2["file"]
+    key = "bg_encoder.output_blocks.3.1.transformer_blocks.0.attn1.to_q.weight"
+    checkpoint = {k: v for k, v in file.items() if k != key}
+    with pytest.raises(ValueError) as info:
+        run_import(published, tmp_path / "a", checkpoint, name="xlv2_missing.safetensors")
+    shape = tuple(file[key].shape)
+    assert "the plug-in's ReferenceNet (bg_encoder.* in the file" in str(info.value)
+    assert (f"reference_net.unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight: expected {shape}"
+            in str(info.value))
+
+    lora = "model.diffusion_model.output_blocks.2.1.transformer_blocks.9.attn2.to_v.lora_up_background.weight"
+    checkpoint = dict(file)
+    checkpoint[lora] = torch.zeros(7, 3, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"background LoRA .*\n(.*\n)*    up_blocks\.0\.attentions\.2\."
+                                         r"transformer_blocks\.9\.attn2\.to_v\.up\.weight: expected \(\d+, 3\), "
+                                         r"found \(7, 3\)"):
+        run_import(published, tmp_path / "b", checkpoint, name="xlv2_misshaped.safetensors")
+
+    checkpoint = dict(file)
+    stray = "model.diffusion_model.output_blocks.8.1.transformer_blocks.0.attn2.to_q.lora_down_background.weight"
+    checkpoint[stray] = torch.zeros(3, 32, dtype=torch.float16)  # the top level has no attention
+    with pytest.raises(ValueError, match=r"1 background LoRA tensors belong to no cross-attention projection of "
+                                         r"the U-Net:\n    " + re.escape(stray) + r": found \(3, 32\)"):
+        run_import(published, tmp_path / "c", checkpoint, name="xlv2_stray.safetensors")
+
+    checkpoint = {k: v for k, v in file.items() if "lora" not in k}
+    with pytest.raises(ValueError, match=r"only part of the xlv2 plug-in(.*\n)*.*background LoRA .*: none"):
+        run_import(published, tmp_path / "d", checkpoint, name="xlv2_half.safetensors")
+    assert not any((tmp_path / n).exists() for n in "abcd")
 
 
 def test_job_prints_the_report_and_turns_refusals_into_one_line(published, tmp_path, capsys, monkeypatch):
@@ -366,4 +503,21 @@ def test_job_prints_the_report_and_turns_refusals_into_one_line(published, tmp_p
     lines = capsys.readouterr().out.strip().splitlines()
     assert any(line.startswith("loaded 1680 tensors into unet") for line in lines)
     assert json.loads(lines[-1]) == {"model": str(tmp_path / "job"), "checkpoint": "sdxl",
-                                     "prediction_type": "epsilon", "dtype": "fp16", "dropped": 12}
+                                     "prediction_type": "epsilon", "dtype": "fp16", "dropped": 12, "plugin": False}
+
+
+def test_job_imports_an_xlv2_file_with_its_plugin(published, xlv2, tmp_path, capsys, monkeypatch):
+    from jobs.import_checkpoint import main
+
+    root = published["root"]
+    args = ["--cdxl", str(root / "xlv2_reduced.safetensors"), "--clip", str(root / "clip"),
+            "--tagger-weights", str(root / "tagger.safetensors"), "--tagger-tags", str(root / "selected_tags.csv")]
+    monkeypatch.setattr("model.cdxl_checkpoint.sdxl", reduced)
+    assert main([*args, "--out", str(tmp_path / "job"), "--dtype", "fp16"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("loaded 1148 tensors into plugin.reference_net") for line in lines)
+    assert any(line.startswith("dropped 2 tensors") and "conv_fg" in line for line in lines)
+    assert json.loads(lines[-1])["plugin"] is True and json.loads(lines[-1])["dropped"] == 12 + 2 + 14
+    assert (tmp_path / "job" / "plugin" / "model.safetensors").is_file()
+    assert main([*args, "--out", str(tmp_path / "backbone"), "--backbone-only"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["plugin"] is False
