@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from os import PathLike
 
 import numpy as np
 import torch
@@ -52,10 +53,38 @@ def weight_free_reference_mask(reference: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class MaskModels:
-    """The two mask models of the background modes (defaults: the weight-free masks)."""
+    """The two mask models of the background modes (defaults: the weight-free masks). ``names`` records
+    which learned models were loaded (for reports and the API's info)."""
 
     sketch: SketchMasker = weight_free_sketch_mask
     reference: ReferenceMasker = weight_free_reference_mask
+    names: tuple[str, str] = ("weight-free", "weight-free")
+
+    @classmethod
+    def from_files(cls, reference: tuple[str, PathLike] | None = None, sketch: tuple[str, PathLike] | None = None,
+                   device=None, dtype: torch.dtype = torch.float32, **masker_options) -> MaskModels:
+        """Learned mask models from local weights in their published layouts: ``reference`` = (name, path)
+        with name one of ``rmbg-2.0`` (the published default), ``birefnet``, ``birefnet-hr``, ``isnet``;
+        ``sketch`` = (name, path), normally ``("isnet-sketch", sketch-segment.safetensors)``. A ``None``
+        keeps the weight-free mask for that side. ``masker_options`` go to
+        :func:`pipelines.data.segmenter.load_masker` (sizes of a reduced copy, for tests)."""
+        from pipelines.data import segmenter  # the learned nets live with the preprocessing that also uses them
+
+        device = device or "cpu"
+        models = cls()
+        names = list(models.names)
+        if reference is not None:
+            net = segmenter.load_masker(reference[0], reference[1], device=device, dtype=dtype, **masker_options)
+            # undilated here (binarised at 0.5); MaskModels.reference_mask dilates: max-pooling a binarised
+            # map equals binarising the max-pooled probabilities
+            models.reference = lambda x: segmenter.reference_mask(net, x.to(device), dilate=False)
+            names[0] = reference[0]
+        if sketch is not None:
+            sketch_net = segmenter.load_masker(sketch[0], sketch[1], device=device, dtype=dtype, **masker_options)
+            models.sketch = lambda x: segmenter.sketch_mask(sketch_net, x.to(device))
+            names[1] = sketch[0]
+        models.names = (names[0], names[1])
+        return models
 
     def sketch_mask(self, sketch: torch.Tensor) -> torch.Tensor:
         """Model-space ``sketch`` (B, 3, H, W: inverted, letterboxed) → soft mask (B, 1, H, W)."""

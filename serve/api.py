@@ -14,8 +14,12 @@ Routes (errors are JSON ``{"error": message, "status": code}``):
   URLs of an accepted type). Fields: ``seed`` (random when absent; always returned), ``steps`` (1..100),
   ``width``/``height`` (both or neither; neither = the sketch's aspect at the preset's default area),
   ``reference_guidance`` and ``sketch_guidance`` (0..30), ``reference_strength`` (0..2), ``plugin``
-  (default on when the model has one), ``format`` (``png``: image/png with the parameters in ``X-*``
-  headers; ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch
+  (default on when the model has one), ``background_enhance`` (split attention over the reference and a
+  background picture without the plug-in: the published ``bg_enhance``), ``foreground_strength`` and
+  ``background_strength`` (0..10), ``merge_scale`` (0..1), ``sketch_mask_threshold`` (0..0.99, default
+  0.05), ``reference_mask_threshold`` (0..1, default 0.5) (see :class:`model.options.ColorizeOptions`; the
+  background picture is ``background_reference`` or the reference with its foreground whitened), ``format``
+  (``png``: image/png with the parameters in ``X-*`` headers; ``json``: ``{"image": base64 PNG, "parameters": {...}}``), ``extract_lines`` (true: the sketch
   is a colored or photographed drawing; its lines are extracted first with ``line_extractor``, one of the
   weight-free extractors of :mod:`model.line_art`, default ``xdog``), ``sampler`` (one of
   :data:`model.options.SAMPLERS`; default the model's, the published DPM++ 3M SDE).
@@ -142,8 +146,10 @@ def _listed(items: list[str], total: int | None = None) -> str:
 # ------------------------------------------------------------------------------------------ parameters
 INT_RANGES = {"seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "width": (1, MAX_SIDE_FIELD),
               "height": (1, MAX_SIDE_FIELD)}
-FLOAT_RANGES = {"reference_guidance": (0.0, 30.0), "sketch_guidance": (0.0, 30.0), "reference_strength": (0.0, 2.0)}
-BOOL_FIELDS = ("plugin", "extract_lines")
+FLOAT_RANGES = {"reference_guidance": (0.0, 30.0), "sketch_guidance": (0.0, 30.0), "reference_strength": (0.0, 2.0),
+                "foreground_strength": (0.0, 10.0), "background_strength": (0.0, 10.0), "merge_scale": (0.0, 1.0),
+                "sketch_mask_threshold": (0.0, 0.99), "reference_mask_threshold": (0.0, 1.0)}
+BOOL_FIELDS = ("plugin", "background_enhance", "extract_lines")
 CHOICES = {"line_extractor": tuple(CLASSIC_EXTRACTORS), "sampler": tuple(SAMPLERS), "format": ("png", "json")}
 _FORM_BOOLS = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}
 _DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only; 19 digits hold MAX_SEED
@@ -179,6 +185,12 @@ class ColorizeParams(BaseModel):
     sketch_guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
     reference_strength: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
     plugin: bool | None = None
+    background_enhance: bool = False
+    foreground_strength: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    background_strength: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    merge_scale: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    sketch_mask_threshold: float = Field(0.05, ge=0.0, le=0.99, allow_inf_nan=False)
+    reference_mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
     extract_lines: bool = False
     line_extractor: Literal[tuple(CLASSIC_EXTRACTORS)] = "xdog"
     sampler: Literal[SAMPLERS] | None = None
@@ -402,6 +414,10 @@ class ColorizeRequest:
         return {"seed": self.seed, "steps": options.steps, "width": width, "height": height,
                 "reference_guidance": options.reference_guidance, "sketch_guidance": options.sketch_guidance,
                 "reference_strength": options.reference_strength, "plugin": options.plugin,
+                "background_enhance": options.background_enhance,
+                "foreground_strength": options.foreground_strength, "background_strength": options.background_strength,
+                "merge_scale": options.merge_scale, "sketch_mask_threshold": options.sketch_mask_threshold,
+                "reference_mask_threshold": options.reference_mask_threshold,
                 "line_extractor": self.line_extractor, "background_reference": self.background_reference is not None,
                 "sampler": options.sampler}
 
@@ -670,13 +686,11 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         for name in ("sketch", "reference"):
             if not images.get(name):
                 raise ApiError(422, f"missing {name} image (send it as the '{name}' file or base64 field)")
-        if images.get("background_reference") is not None and not model.plugin:
-            raise ApiError(422, "background_reference needs a model with a plugin; this model has none")
         if params.plugin and not model.plugin:
             raise ApiError(422, "plugin=true needs a model with a plugin; this model has none")
         use_plugin = model.plugin if params.plugin is None else params.plugin
-        if images.get("background_reference") is not None and not use_plugin:
-            raise ApiError(422, "background_reference needs the plugin on")
+        if images.get("background_reference") is not None and not (use_plugin or params.background_enhance):
+            raise ApiError(422, "background_reference needs the plugin on or background_enhance=true")
         limits = dict(multiple=model.size_multiple, min_side=model.min_side, max_side=model.max_side)
         if params.width is not None:  # checked before any decoding
             try:
@@ -695,6 +709,10 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             else params.reference_guidance,
             sketch_guidance=model.sketch_guidance if params.sketch_guidance is None else params.sketch_guidance,
             reference_strength=params.reference_strength, plugin=use_plugin,
+            background_enhance=params.background_enhance, foreground_strength=params.foreground_strength,
+            background_strength=params.background_strength, merge_scale=params.merge_scale,
+            sketch_mask_threshold=params.sketch_mask_threshold,
+            reference_mask_threshold=params.reference_mask_threshold,
             sampler=model.sampler if params.sampler is None else params.sampler)
         colorize_request = ColorizeRequest(
             sketch=decoded["sketch"], reference=decoded["reference"],

@@ -28,7 +28,10 @@ Arguments (``build_app(args)``; each also read from the environment as ``COLORIZ
 ``max_body_bytes``, ``max_input_pixels``, ``max_header_bytes``, ``max_decode_bytes``, ``max_concurrent_decodes``,
 ``max_sketch_aspect`` (the API's input limits, :class:`serve.api.Settings`), ``api_token`` (``COLORIZE_API_TOKEN``;
 unset = no auth), ``allow_unauthenticated``, ``host``, ``ingress_replicas``, ``ingress_num_cpus``,
-``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``.
+``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``, and the background modes'
+mask models: ``reference_masker`` (``rmbg-2.0``, ``birefnet``, ``birefnet-hr`` or ``isnet``) with
+``reference_masker_weights``, and ``sketch_masker_weights`` (ISNet-sketch); local files in their published
+layouts, the weight-free masks when unset.
 
 Safe by default: ``build_app`` refuses to deploy when Serve's HTTP proxies listen on an address other than
 loopback (read from the running Serve controller, else what Serve would start with, or the ``host`` arg)
@@ -47,7 +50,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -109,6 +112,19 @@ class AppOptions(BaseModel):
     ingress_memory_budget_mib: int = Field(DEFAULT_INGRESS_MEMORY_BUDGET_MIB, ge=1)
     ingress_max_ongoing_requests: int | None = Field(None, ge=1)  # None = from the memory budget
     retry_after_s: float = Field(DEFAULT_RETRY_AFTER_S, gt=0)
+    reference_masker: Literal["rmbg-2.0", "birefnet", "birefnet-hr", "isnet"] = "rmbg-2.0"  # what the weights are
+    reference_masker_weights: str | None = None  # None = the weight-free reference mask
+    sketch_masker_weights: str | None = None  # ISNet-sketch (sketch-segment.safetensors); None = weight-free
+
+    def mask_models(self) -> dict:
+        """The background modes' mask models, as :meth:`model.background.MaskModels.from_files` arguments."""
+        for path in (self.reference_masker_weights, self.sketch_masker_weights):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"mask model weights {path} do not exist")
+        return {"reference": None if self.reference_masker_weights is None
+                else (self.reference_masker, str(Path(self.reference_masker_weights).resolve())),
+                "sketch": None if self.sketch_masker_weights is None
+                else ("isnet-sketch", str(Path(self.sketch_masker_weights).resolve()))}
 
     @field_validator("dtype")
     @classmethod
@@ -197,9 +213,10 @@ def check_exposure(options: AppOptions) -> None:
 class ColorizerModel:
     def __init__(self, folder: str, device: str = "auto", dtype: str = "float32",
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S):
+                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S, masks: dict | None = None):
         import torch
 
+        from model.background import MaskModels
         from model.colorizer import Colorizer
 
         if device == "auto":
@@ -207,6 +224,8 @@ class ColorizerModel:
         self.device = device
         executor = model_thread()  # loading and every generation on one thread (see serve.runtime.model_thread)
         self.model = executor.submit(Colorizer.from_pretrained, folder, device=device, dtype=getattr(torch, dtype)).result()
+        if masks and any(masks.values()):
+            self.model.masks = executor.submit(MaskModels.from_files, **masks, device=device).result()
         self.runner = ModelRunner(self.model)
         self.batcher = Batcher(self.runner.run, max_batch_size, batch_wait_timeout_s, executor)
 
@@ -303,6 +322,7 @@ def build_app(args: dict[str, Any] | None = None):
     folder = str(Path(options.model).resolve())
     read_model_info(folder)  # fail at deploy time, not on the first request, when the folder is wrong
     check_exposure(options)
+    masks = options.mask_models()
     model = ColorizerModel.options(
         ray_actor_options={"num_cpus": options.num_cpus, "num_gpus": options.num_gpus,
                            "runtime_env": {"env_vars": MODEL_REPLICA_ENV}},
@@ -310,7 +330,7 @@ def build_app(args: dict[str, Any] | None = None):
                             "target_ongoing_requests": options.target_ongoing_requests},
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
-    ).bind(folder, options.device, options.dtype, options.max_batch_size, options.batch_wait_timeout_s)
+    ).bind(folder, options.device, options.dtype, options.max_batch_size, options.batch_wait_timeout_s, masks)
     settings = api_settings(options)
     return ColorizeIngress.options(
         num_replicas=options.ingress_replicas, ray_actor_options={"num_cpus": options.ingress_num_cpus},

@@ -262,3 +262,34 @@ def test_plugin_requests_without_a_plugin_are_refused(tiny_colorizer, plugin_mod
                              plugin_model.config.diffusion)
     with pytest.raises(ValueError, match="already has a plugin"):
         attach_plugin(plugin_model)
+
+
+def test_learned_mask_models_load_from_published_files_and_drive_the_split(tiny_colorizer, drawing_pair, tmp_path):
+    from safetensors.torch import save_file
+
+    from model.background import MaskModels
+    from pipelines.data.segmenter import build_masker
+
+    torch.manual_seed(0)
+    paths = {}
+    for name in ("isnet", "isnet-sketch"):
+        net = build_masker(name, width=4, input_size=64).net
+        paths[name] = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(paths[name]))
+    masks = MaskModels.from_files(("isnet", paths["isnet"]), ("isnet-sketch", paths["isnet-sketch"]),
+                                  width=4, input_size=64)
+    assert masks.names == ("isnet", "isnet-sketch")
+    sketch = torch.rand(1, 3, 64, 64) * 2 - 1
+    soft = masks.sketch_mask(sketch)
+    reference = masks.reference_mask(torch.rand(1, 3, 40, 56) * 2 - 1)
+    assert soft.shape == (1, 1, 64, 64) and 0 <= soft.min() and soft.max() <= 1
+    assert reference.shape == (1, 1, 40, 56) and set(reference.unique().tolist()) <= {0.0, 1.0}
+
+    model = copy.deepcopy(tiny_colorizer)
+    options = ColorizeOptions(size=(64, 64), steps=2, background_enhance=True)
+    weight_free = pixels(model.colorize(drawing_pair.sketch, drawing_pair.color, options, seed=0))
+    model.masks = masks
+    learned = pixels(model.colorize(drawing_pair.sketch, drawing_pair.color, options, seed=0))
+    assert learned.shape == weight_free.shape and np.abs(learned - weight_free).mean() > 0.1
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        MaskModels.from_files(("isnet", paths["isnet-sketch"].with_name("missing.safetensors")))
