@@ -98,9 +98,11 @@ def test_one_shard_accounts_for_every_input(workspace, config, tmp_path):
     assert tuple(clip.shape) == (cfg.clip.num_tokens, cfg.clip.embed_dim)
     image = np.asarray(Image.open(io.BytesIO(row["image"])))
     assert image.shape == (row["height"], row["width"], 3)
-    for key in ("sketch_mask", "reference_mask"):
+    for key in ("sketch_mask", "reference_mask"):  # the weight-free masks are binary
         mask = np.asarray(Image.open(io.BytesIO(row[key])))
         assert mask.shape == (row["height"], row["width"]) and set(np.unique(mask)) <= {0, 255}
+    assert len(row["crop"]) == 4 and all(0 <= v <= 1 for v in row["crop"])
+    assert row["background_latents"] is None and row["background_clip_tokens"] is None  # target view only
 
 
 @pytest.fixture(scope="module")
@@ -167,3 +169,180 @@ def test_a_neural_extractor_runs_in_the_encoder_stage(workspace, tmp_path):
     neural = np.asarray(Image.open(io.BytesIO(row["sketches"][1])))
     assert neural.shape == (row["height"], row["width"]) and neural.dtype == np.uint8
     assert not np.array_equal(neural, np.asarray(Image.open(io.BytesIO(row["sketches"][0]))))
+
+
+# ------------------------------------------------------------------------------------- stage-2 columns
+def test_crop_fractions_place_a_known_crop_in_the_source():
+    """A 300×200 source in the 160×96 bucket: scaled to 160×107 (cover), 5 rows off the top (centred),
+    so [top, left, height, width] = [5/107, 0, 96/107, 1]; and those fractions cut crop_to_bucket's target
+    out of the scaled source exactly (the published ct, cl, rh, rw over the resized image)."""
+    from model.geometry import crop_to_bucket, resize
+    from pipelines.data.shards import crop_fractions
+
+    assert crop_fractions(300, 200, (160, 96)) == pytest.approx([5 / 107, 0.0, 96 / 107, 1.0])
+    assert crop_fractions(200, 300, (96, 160)) == pytest.approx([0.0, 5 / 107, 1.0, 96 / 107])
+    assert crop_fractions(256, 256, (128, 128)) == [0.0, 0.0, 1.0, 1.0]
+    rng = np.random.default_rng(0)
+    for (width, height), bucket in (((300, 200), (160, 96)), ((181, 397), (96, 160)), ((500, 130), (160, 96))):
+        source = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        top, left, rh, rw = crop_fractions(width, height, bucket)
+        scaled_h, scaled_w = round(bucket[1] / rh), round(bucket[0] / rw)
+        scaled = resize(source, scaled_w, scaled_h)
+        y, x = round(top * scaled_h), round(left * scaled_w)
+        np.testing.assert_array_equal(scaled[y:y + bucket[1], x:x + bucket[0]], crop_to_bucket(source, bucket))
+
+
+def test_the_reference_view_is_refused_with_what_replaced_it():
+    with pytest.raises(ValueError, match="'reference' latent view is gone.*--latent-views target,background"):
+        PreprocessConfig(latent_views=("target", "reference"))
+    with pytest.raises(ValueError, match="must include 'target'"):
+        PreprocessConfig(latent_views=("background",))
+    assert PreprocessConfig(latent_views=("target", "background")).latent_views == ("target", "background")
+
+
+@pytest.fixture(scope="module")
+def stage2_shard(workspace, tmp_path_factory):
+    """Two good inputs preprocessed with the background view: (config, encoder, rows, items)."""
+    cfg = PreprocessConfig(preset="tiny", shard_size=4, encoders=str(workspace["encoders"]),
+                           latent_views=("target", "background"))
+    items = [it for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/")][:2]
+    out = tmp_path_factory.mktemp("stage2")
+    encoder = ShardEncoder(cfg)
+    assert process_shard(str(out), 0, items, cfg, encoder)["rows"] == 2
+    return cfg, encoder, pq.read_table(out / "data" / "shard-00000.parquet").to_pylist(), items
+
+
+def source_of(workspace, item) -> np.ndarray:
+    from model.image_io import decode_image
+
+    return decode_image((workspace["corpus"] / item.source).read_bytes())
+
+
+def test_the_background_columns_hold_the_whitened_stretched_reference(workspace, stage2_shard):
+    """Recomputed independently from the source image: the reference stretched to the crop's size, its
+    stored (dilated, binary) mask, the foreground painted white → the stored latents and tokens."""
+    import torch
+
+    from model.background import dilate_and_binarise, whiten_foreground
+    from model.geometry import resize
+    from model.masks import reference_foreground
+    from model.vae import encode_latents
+
+    cfg, encoder, rows, items = stage2_shard
+    for row, item in zip(rows, items):
+        assert row["source"] == item.source
+        source = source_of(workspace, item)
+        assert (row["source_height"], row["source_width"]) == source.shape[:2]
+        width, height = row["width"], row["height"]
+        reference = resize(source, width, height)  # aspect ignored: the whole source, stretched
+        raw = torch.from_numpy(reference_foreground(reference).astype(np.float32) / 255)[None, None]
+        stored = np.asarray(Image.open(io.BytesIO(row["reference_mask"])))
+        np.testing.assert_array_equal(stored, dilate_and_binarise(raw)[0, 0].numpy().astype(np.uint8) * 255)
+        assert stored.mean() > np.asarray(reference_foreground(reference)).mean()  # dilated
+        pixels = torch.from_numpy(reference).permute(2, 0, 1)[None].float() / 255
+        mask = torch.from_numpy(stored.astype(np.float32) / 255)[None, None]
+        background = whiten_foreground(pixels * 2 - 1, mask)
+        assert (background[0][:, stored > 0] == 1).all()
+        with torch.no_grad():
+            latents = encode_latents(encoder.vae, background)
+            clip, tagger = encoder.clip((background + 1) / 2), encoder.tagger((background + 1) / 2).tokens
+            own_clip = encoder.clip(pixels)
+        for column, shape_column, expected in (("background_latents", "latents_shape", latents),
+                                               ("background_clip_tokens", "clip_tokens_shape", clip),
+                                               ("background_tagger_tokens", "tagger_tokens_shape", tagger)):
+            value = bytes_to_tensor(row[column], row[shape_column], row["tensor_dtype"])
+            torch.testing.assert_close(value, expected[0].float(), rtol=1e-2, atol=1e-2)
+        # the reference's own tokens are of the stretched reference (not whitened)
+        torch.testing.assert_close(bytes_to_tensor(row["clip_tokens"], row["clip_tokens_shape"]), own_clip[0],
+                                   rtol=1e-2, atol=1e-2)
+        from pipelines.data.shards import crop_fractions
+
+        assert row["crop"] == pytest.approx(crop_fractions(source.shape[1], source.shape[0], (width, height)))
+
+
+def test_stage2_columns_decode_into_the_training_batch(stage2_shard):
+    import random
+
+    import torch
+
+    from pipelines.data.batches import collate, decode_sample
+
+    _, _, rows, _ = stage2_shard
+    row = rows[0]
+    sample = decode_sample(row, random.Random(0), 7.0, stage="plugin")
+    batch = collate([sample])
+    height, width = row["height"], row["width"]
+    assert batch.background_latents.shape == batch.latents.shape
+    assert batch.background_clip_tokens.shape == batch.clip_tokens.shape
+    assert batch.background_tagger_tokens.shape == batch.tagger_tokens.shape
+    assert batch.crop.shape == (1, 4) and batch.crop[0].tolist() == pytest.approx(row["crop"])
+    for key in ("sketch_mask", "reference_mask"):
+        mask = getattr(batch, key)
+        stored = np.asarray(Image.open(io.BytesIO(row[key]))).astype(np.float32) / 255
+        assert mask.shape == (1, 1, height, width) and mask.dtype == torch.float32
+        np.testing.assert_array_equal(mask[0, 0].numpy(), stored)
+    torch.testing.assert_close(batch.background_latents[0],
+                               bytes_to_tensor(row["background_latents"], row["latents_shape"]))
+    backbone = collate([decode_sample(row, random.Random(0), 7.0)])
+    assert backbone.background_latents is None and backbone.crop is None
+
+
+class ConstantSegmenter:
+    """A stand-in learned segmenter: the same foreground probability everywhere."""
+
+    def __init__(self, probability: float):
+        self.probability = probability
+
+    def __call__(self, images):
+        import torch
+
+        return torch.full((images.shape[0], 1, *images.shape[-2:]), self.probability)
+
+
+@pytest.mark.parametrize("probability", [0.3, 0.7])
+def test_a_learned_sketch_mask_stays_soft_and_the_reference_mask_decides_the_whitening(
+        workspace, stage2_shard, tmp_path, probability):
+    import torch
+
+    cfg, encoder, rows, items = stage2_shard
+    encoder.segmenter = ConstantSegmenter(probability)
+    try:
+        process_shard(str(tmp_path), 0, items[:1], cfg, encoder)
+    finally:
+        encoder.segmenter = None
+    row = pq.read_table(tmp_path / "data" / "shard-00000.parquet").to_pylist()[0]
+    sketch_mask = np.asarray(Image.open(io.BytesIO(row["sketch_mask"])))
+    assert set(np.unique(sketch_mask)) == {round(probability * 255)}  # soft, 8 bits
+    reference_mask = np.asarray(Image.open(io.BytesIO(row["reference_mask"])))
+    assert set(np.unique(reference_mask)) == {255 if probability > 0.5 else 0}  # dilated and binarised
+    from model.vae import encode_latents
+
+    stored = bytes_to_tensor(row["background_latents"], row["latents_shape"])
+    if probability > 0.5:  # all foreground: the background picture is white paper
+        expected = torch.ones(1, 3, row["height"], row["width"])
+    else:  # no foreground: the background picture is the reference itself
+        from model.geometry import resize
+
+        reference = resize(source_of(workspace, items[0]), row["width"], row["height"])
+        expected = torch.from_numpy(reference).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(stored, encode_latents(encoder.vae, expected)[0], rtol=1e-2, atol=1e-2)
+
+
+def test_datasets_of_schema_version_2_are_refused_with_the_reason_and_what_to_do(tmp_path):
+    from pipelines.data.layout import SCHEMA_VERSION, check_config, check_schema, finished_manifest, read_all
+
+    assert SCHEMA_VERSION == 3
+    old = tmp_path / "v2"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"schema_version": 2, "complete": True}))
+    for read in (finished_manifest, check_schema, read_all):
+        with pytest.raises(ValueError, match="schema version 2.*background_latents.*reference_latents.*"
+                                             "Preprocess the corpus again into a new --out.*target,background"):
+            read(str(old))
+    in_progress = tmp_path / "in_progress"
+    in_progress.mkdir()
+    cfg = PreprocessConfig()
+    (in_progress / "config.json").write_text(json.dumps({"schema_version": 2, **cfg.to_json()}))
+    with pytest.raises(ValueError, match="schema version 2"):
+        check_config(str(in_progress), cfg)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pipelines.data.tensor_cells import tensor_to_bytes
-from pipelines.data.batches import BucketBatcher, epoch_batches, steps_per_epoch
+from pipelines.data.batches import (BucketBatcher, check_dataset_for, collate, decode_sample, epoch_batches,
+                                   steps_per_epoch)
 
 
 def fake_row(width: int, height: int, seed: int) -> dict:
@@ -48,3 +49,49 @@ def test_every_epoch_gives_exactly_the_promised_single_bucket_batches():
 def test_too_little_data_for_the_batch_size_is_refused():
     with pytest.raises(ValueError, match="lower the batch size"):
         steps_per_epoch(rows_per_worker=5, buckets=3, batch_size=4)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def stage2_row(width: int, height: int, seed: int) -> dict:
+    """A row with the stage-2 columns: soft sketch mask, binary reference mask, a known crop."""
+    row = fake_row(width, height, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    sketch_mask = np.zeros((height, width), np.uint8)
+    sketch_mask[:, : width // 2] = 128  # soft
+    reference_mask = np.zeros((height, width), np.uint8)
+    reference_mask[: height // 2] = 255
+    return row | {
+        "background_latents": tensor_to_bytes(torch.randn(4, height // 8, width // 8, generator=g))[0],
+        "background_tagger_tokens": tensor_to_bytes(torch.randn(4, 128, generator=g))[0],
+        "background_clip_tokens": tensor_to_bytes(torch.randn(17, 48, generator=g))[0],
+        "crop": np.array([0.125, 0.0, 0.75, 1.0], np.float32), "sketch_mask": png(sketch_mask),
+        "reference_mask": png(reference_mask)}
+
+
+def test_stage2_rows_decode_into_every_plugin_field():
+    rows = [stage2_row(96, 160, seed) for seed in range(3)]
+    batch = collate([decode_sample(row, random.Random(0), 7.0, stage="plugin") for row in rows])
+    assert batch.background_latents.shape == batch.latents.shape == (3, 4, 20, 12)
+    assert batch.background_tagger_tokens.shape == batch.tagger_tokens.shape == (3, 4, 128)
+    assert batch.background_clip_tokens.shape == batch.clip_tokens.shape == (3, 17, 48)
+    torch.testing.assert_close(batch.crop, torch.tensor([[0.125, 0.0, 0.75, 1.0]] * 3))
+    assert batch.sketch_mask.shape == batch.reference_mask.shape == (3, 1, 160, 96)
+    assert batch.sketch_mask.unique().tolist() == pytest.approx([0.0, 128 / 255])  # soft values stay soft
+    assert batch.reference_mask[:, :, :80].eq(1).all() and batch.reference_mask[:, :, 80:].eq(0).all()
+
+    no_background = rows[0] | {"background_latents": None}
+    with pytest.raises(ValueError, match="--latent-views target,background"):
+        decode_sample(no_background, random.Random(0), 7.0, stage="plugin")
+    assert decode_sample(no_background, random.Random(0), 7.0)["latents"].shape == (4, 20, 12)  # stage 1 is fine
+
+
+def test_a_dataset_without_the_background_view_is_refused_for_stage_two():
+    check_dataset_for("plugin", {"config": {"latent_views": ["target", "background"]}}, "d")
+    check_dataset_for("backbone", {"config": {"latent_views": ["target"]}}, "d")
+    with pytest.raises(ValueError, match="d was preprocessed with --latent-views target;.*target,background"):
+        check_dataset_for("plugin", {"config": {"latent_views": ["target"]}}, "d")

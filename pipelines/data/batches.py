@@ -25,13 +25,24 @@ from pipelines.data.tensor_cells import bytes_to_tensor, image_from_cell
 
 STAGE1_COLUMNS = ["width", "height", "source_width", "source_height", "sketches", "latents", "latents_shape",
                   "tagger_tokens", "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "tensor_dtype"]
-STAGE2_COLUMNS = STAGE1_COLUMNS + ["reference_latents", "sketch_mask", "reference_mask"]
+STAGE2_COLUMNS = STAGE1_COLUMNS + ["background_latents", "background_tagger_tokens", "background_clip_tokens", "crop",
+                                   "sketch_mask", "reference_mask"]
 
 
 def columns_for(stage: str) -> list[str]:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     return STAGE1_COLUMNS if stage == "backbone" else STAGE2_COLUMNS
+
+
+def check_dataset_for(stage: str, manifest: dict, dataset: str) -> None:
+    """Refuse, before any worker starts, a dataset that lacks what ``stage`` reads (``manifest``: the
+    dataset's finished manifest)."""
+    views = manifest.get("config", {}).get("latent_views", [])
+    if columns_for(stage) is STAGE2_COLUMNS and "background" not in views:
+        raise ValueError(f"{dataset} was preprocessed with --latent-views {','.join(views) or '?'}; stage 2 (plugin) "
+                         "reads the background picture's latents and tokens: preprocess it again with --latent-views "
+                         "target,background")
 
 
 def decode_sample(row: dict, rng: random.Random, aesthetic_score: float, stage: str = "backbone") -> dict:
@@ -47,12 +58,22 @@ def decode_sample(row: dict, rng: random.Random, aesthetic_score: float, stage: 
         "vector_condition": vector_condition(row["source_height"], row["source_width"], aesthetic_score)[0],
     }
     if stage == "plugin":
-        if row.get("reference_latents") is None:
-            raise ValueError("the plugin stage needs reference latents: preprocess with --latent-views target,reference")
-        sample["reference_latents"] = bytes_to_tensor(row["reference_latents"], row["latents_shape"], dtype)
-        sample["sketch_mask"] = torch.from_numpy(image_from_cell(row["sketch_mask"]) > 127)[None].float()
-        sample["reference_mask"] = torch.from_numpy(image_from_cell(row["reference_mask"]) > 127)[None].float()
+        if row.get("background_latents") is None:
+            raise ValueError("the plugin stage needs the background picture's latents and tokens: preprocess with "
+                             "--latent-views target,background")
+        sample["background_latents"] = bytes_to_tensor(row["background_latents"], row["latents_shape"], dtype)
+        sample["background_tagger_tokens"] = bytes_to_tensor(row["background_tagger_tokens"],
+                                                             row["tagger_tokens_shape"], dtype)
+        sample["background_clip_tokens"] = bytes_to_tensor(row["background_clip_tokens"], row["clip_tokens_shape"], dtype)
+        sample["crop"] = torch.tensor([float(v) for v in row["crop"]], dtype=torch.float32)
+        sample["sketch_mask"] = mask_from_cell(row["sketch_mask"])
+        sample["reference_mask"] = mask_from_cell(row["reference_mask"])
     return sample
+
+
+def mask_from_cell(data: bytes) -> torch.Tensor:
+    """A stored 8-bit mask → (1, H, W) float in [0, 1] (soft masks stay soft)."""
+    return torch.from_numpy(image_from_cell(data).astype(np.float32) / 255)[None]
 
 
 def collate(samples: list[dict]) -> TrainingBatch:

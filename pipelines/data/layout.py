@@ -34,12 +34,23 @@ if TYPE_CHECKING:
 # 2: the reference tokens are the published model's (WD tagger on BGR, both encoders on the stretched
 #    reference) and a dataset of version 1 holds tokens of the white-padded RGB reference. Tokens of the two
 #    kinds must never meet in one training run, so readers refuse any other version.
-SCHEMA_VERSION = 2
+# 3: stage 2 as published: the reference view is the whole source stretched to the crop's size (no longer
+#    letterboxed), the reference mask is stored dilated and binarised, and the stage-2 columns are the
+#    background picture's (that reference with its foreground whitened): background_latents and
+#    background_{tagger,clip}_tokens (``--latent-views target,background``) and the crop fractions;
+#    ``reference_latents`` (the letterboxed reference with a zeroed foreground) is gone.
+SCHEMA_VERSION = 3
 SCHEMA_KEY = "schema_version"
+# Why each older version is refused (what changed since).
+SCHEMA_CHANGES = {
+    1: "the cached reference tokens changed with the published model's encoder inputs",
+    2: "stage 2 now reads the background picture (background_latents, background tokens, crop) instead of "
+       "reference_latents, and the reference view is the stretched source instead of the letterboxed one",
+}
 DATA_COLUMNS = ("id", "source", "shard", "ordinal", "width", "height", "source_width", "source_height", "image",
-                "sketches", "sketch_extractors", "sketch_mask", "reference_mask", "tagger_tokens",
+                "sketches", "sketch_extractors", "sketch_mask", "reference_mask", "crop", "tagger_tokens",
                 "tagger_tokens_shape", "clip_tokens", "clip_tokens_shape", "latents", "latents_shape",
-                "reference_latents", "tags", "tensor_dtype")
+                "background_latents", "background_tagger_tokens", "background_clip_tokens", "tags", "tensor_dtype")
 ERROR_COLUMNS = ("source", "id", "shard", "ordinal", "error_stage", "error")
 DATA, ERRORS, MARKERS = "data", "errors", "markers"  # the three per-shard folders
 PLAN_FILE, CONFIG_FILE, MANIFEST_FILE = "plan.parquet", "config.json", "manifest.json"
@@ -106,9 +117,10 @@ def check_config(output: str, cfg: PreprocessConfig) -> None:
 
 def _require_schema(dataset: str, version) -> None:
     if version != SCHEMA_VERSION:
+        why = SCHEMA_CHANGES.get(version, f"this code does not know version {version}")
         raise ValueError(f"{dataset} is a dataset of schema version {version}; this code reads and writes version "
-                         f"{SCHEMA_VERSION} (the cached reference tokens changed with the published model's encoder "
-                         "inputs). Preprocess the corpus again into a new --out; versions are never mixed")
+                         f"{SCHEMA_VERSION} ({why}). Preprocess the corpus again into a new --out (with "
+                         "--latent-views target,background for stage 2); versions are never mixed")
 
 
 def check_schema(dataset: str) -> None:

@@ -3,9 +3,13 @@
 Three stages, each a plain function or class so that Ray Data, tests and benches call the same code:
 
 1. :func:`prepare_shard` (CPU, a Ray Data task per shard): read bytes, hash, decode safely, pick the
-   aspect bucket, crop the target, letterbox the reference, extract the weight-free sketches and masks.
+   aspect bucket, crop the target (and note where the crop lies in the source: the ``crop`` fractions),
+   stretch the whole source to the crop's size (the reference view), extract the weight-free sketches and
+   masks.
 2. :class:`ShardEncoder` (a Ray Data actor, on a GPU when there is one): neural sketches and learned
-   masks if configured, WD-Tagger and OpenCLIP tokens of the reference, VAE latents of the chosen views.
+   masks if configured; the reference mask dilated and binarised; WD-Tagger and OpenCLIP tokens of the
+   reference; VAE latents of the target; with the ``background`` view, the background picture (the
+   reference with its foreground whitened, what stage 2's ReferenceNet reads): its latents and tokens.
 3. :func:`write_shard` (CPU task): the shard's Parquet file, its errors file, then its marker.
 
 A shard flows through the stages as one Arrow table (one row per input), so every stage sees whole
@@ -31,7 +35,8 @@ import pyarrow.parquet as pq
 import torch
 
 from model.config import get_preset
-from model.geometry import buckets_for, crop_to_bucket, letterbox, nearest_bucket
+from model.background import REFERENCE_THRESHOLD, dilate_and_binarise, whiten_foreground
+from model.geometry import buckets_for, crop_to_bucket, nearest_bucket, resize
 from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
 from model.line_art import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
 from model.masks import reference_foreground, sketch_foreground
@@ -39,7 +44,8 @@ from pipelines.data.corpus import InputItem, read_shard_bytes
 from pipelines.data.layout import DATA, DATA_COLUMNS, ERROR_COLUMNS, ERRORS, MARKERS, shard_file
 from pipelines.data.tensor_cells import image_from_cell, tensor_to_bytes
 
-LATENT_VIEWS = ("target", "reference")
+LATENT_VIEWS = ("target", "background")
+# ``background``: the stage-2 columns (background_latents, background_tagger_tokens, background_clip_tokens).
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,10 @@ class PreprocessConfig:
                 raise ValueError(f"neural extractor {name!r} needs its weights: --extractor-weights {name}=PATH")
         if self.segmenter and not self.segmenter_weights:
             raise ValueError(f"segmenter {self.segmenter!r} needs --segmenter-weights")
+        if "reference" in self.latent_views:
+            raise ValueError("the 'reference' latent view is gone (dataset schema 3): stage 2 reads the background "
+                             "picture (the reference with its foreground whitened) instead; use --latent-views "
+                             "target,background")
         unknown_views = set(self.latent_views) - set(LATENT_VIEWS)
         if unknown_views or "target" not in self.latent_views:
             raise ValueError(f"latent views must include 'target' and come from {LATENT_VIEWS}, got {self.latent_views}")
@@ -135,11 +145,26 @@ def prepare_shard(shard: int, items: list[InputItem], cfg: PreprocessConfig) -> 
     return table.append_column("shard", pa.array([shard] * len(rows), pa.int32()))
 
 
+def crop_fractions(source_width: int, source_height: int, bucket: tuple[int, int]) -> list[float]:
+    """Where :func:`model.geometry.crop_to_bucket` takes the target from a source of that size: ``[top, left,
+    height, width]`` as fractions of the scaled source's height and width, as the published collate's
+    ``gt_transforms(..., crop_ratio=True)`` gives ``ct, cl, rh, rw`` (crop offset and size over the resized
+    image's size). The same arithmetic as ``crop_to_bucket`` (a test holds the two together)."""
+    width, height = bucket
+    scale = max(width / source_width, height / source_height)
+    scaled_w, scaled_h = max(width, round(source_width * scale)), max(height, round(source_height * scale))
+    left, top = (scaled_w - width) // 2, (scaled_h - height) // 2
+    return [top / scaled_h, left / scaled_w, height / scaled_h, width / scaled_w]
+
+
 def _prepare_one(ordinal, item, image_id, rgb, buckets, cfg: PreprocessConfig) -> dict:
     height, width = rgb.shape[:2]
     bucket = nearest_bucket(width, height, buckets)
     target = crop_to_bucket(rgb, bucket)
-    reference = letterbox(rgb, bucket)
+    # The reference view: the whole source stretched (aspect ignored) to the target's pixel size, resampled as
+    # the target is (area when shrinking, bicubic when growing): the encoders stretch it to their square as
+    # they would the source, and stage 2's background picture is it with the foreground whitened.
+    reference = resize(rgb, *bucket)
     sketches: list[bytes | None] = []
     drawings = {}
     for name in cfg.sketch_extractors:
@@ -156,6 +181,7 @@ def _prepare_one(ordinal, item, image_id, rgb, buckets, cfg: PreprocessConfig) -
         "image": jpeg_bytes(target, cfg.jpeg_quality),
         "sketches": sketches, "sketch_extractors": list(cfg.sketch_extractors),
         "sketch_mask": png_bytes(sketch_mask), "reference_mask": png_bytes(reference_foreground(reference)),
+        "crop": crop_fractions(width, height, bucket),
         "target_pixels": target.tobytes(), "reference_pixels": reference.tobytes(),
     }
 
@@ -165,7 +191,7 @@ PREPARED_SCHEMA = pa.schema([
     ("error", pa.string()), ("error_stage", pa.string()),
     ("width", pa.int32()), ("height", pa.int32()), ("source_width", pa.int32()), ("source_height", pa.int32()),
     ("image", pa.binary()), ("sketches", pa.list_(pa.binary())), ("sketch_extractors", pa.list_(pa.string())),
-    ("sketch_mask", pa.binary()), ("reference_mask", pa.binary()),
+    ("sketch_mask", pa.binary()), ("reference_mask", pa.binary()), ("crop", pa.list_(pa.float32())),
     ("target_pixels", pa.large_binary()), ("reference_pixels", pa.large_binary()),
 ])
 
@@ -251,25 +277,37 @@ class ShardEncoder:
             position = cfg.sketch_extractors.index(name)
             for row, drawing in zip(chunk, drawings[:, 0]):
                 row["sketches"][position] = png_bytes(invert(drawing))
-        if self.segmenter is not None:
+        if self.segmenter is not None:  # soft probabilities, kept soft (8 bits) for the sketch
             sketch_rgb = torch.from_numpy(np.stack([image_from_cell(r["sketches"][0]) for r in chunk]))
             sketch_rgb = (255 - sketch_rgb)[:, None].expand(-1, 3, -1, -1).to(self.device, self.dtype) / 255
             for key, images in (("sketch_mask", sketch_rgb), ("reference_mask", reference)):
-                masks = self.segmenter.mask(images).cpu().numpy()
+                masks = self.segmenter(images).float().clamp(0, 1).cpu().numpy()
                 for row, mask in zip(chunk, masks[:, 0]):
-                    row[key] = png_bytes(mask.astype(np.uint8) * 255)
+                    row[key] = png_bytes(np.round(mask * 255).astype(np.uint8))
+        # The reference mask as the background modes use it (dilated, binarised), stored so; the background
+        # picture is the reference with that foreground painted white.
+        raw = torch.from_numpy(np.stack([image_from_cell(r["reference_mask"]) for r in chunk]))[:, None]
+        reference_mask = dilate_and_binarise(raw.float() / 255)
+        for row, mask in zip(chunk, reference_mask[:, 0].numpy()):
+            row["reference_mask"] = png_bytes((mask * 255).astype(np.uint8))
         tagged = self.tagger(reference)
         clip_tokens = self.clip(reference)
         probabilities = torch.sigmoid(tagged.logits.float()).cpu()
         latents = {"target": encode_latents(self.vae, target * 2 - 1)}
-        if "reference" in cfg.latent_views:
-            latents["reference"] = encode_latents(self.vae, reference * 2 - 1)
+        if "background" in cfg.latent_views:
+            background = whiten_foreground(reference.float() * 2 - 1, reference_mask.to(self.device),
+                                           REFERENCE_THRESHOLD).to(self.dtype)
+            latents["background"] = encode_latents(self.vae, background)
+            background_tagger = self.tagger((background + 1) / 2).tokens
+            background_clip = self.clip((background + 1) / 2)
         for i, row in enumerate(chunk):
             row["tagger_tokens"], row["tagger_tokens_shape"] = tensor_to_bytes(tagged.tokens[i], cfg.storage_dtype)
             row["clip_tokens"], row["clip_tokens_shape"] = tensor_to_bytes(clip_tokens[i], cfg.storage_dtype)
             row["latents"], row["latents_shape"] = tensor_to_bytes(latents["target"][i], cfg.storage_dtype)
-            if "reference" in latents:
-                row["reference_latents"], _ = tensor_to_bytes(latents["reference"][i], cfg.storage_dtype)
+            if "background" in latents:  # shapes: those of latents, tagger_tokens and clip_tokens
+                row["background_latents"], _ = tensor_to_bytes(latents["background"][i], cfg.storage_dtype)
+                row["background_tagger_tokens"], _ = tensor_to_bytes(background_tagger[i], cfg.storage_dtype)
+                row["background_clip_tokens"], _ = tensor_to_bytes(background_clip[i], cfg.storage_dtype)
             row["tags"] = [self.tagger.tags[j] for j in torch.nonzero(probabilities[i] >= cfg.tag_threshold).flatten().tolist()]
             row["tensor_dtype"] = cfg.storage_dtype
 
@@ -281,7 +319,8 @@ def encoded_schema() -> pa.Schema:
     return pa.schema(fields + [
         ("tagger_tokens", pa.binary()), ("tagger_tokens_shape", shape),
         ("clip_tokens", pa.binary()), ("clip_tokens_shape", shape),
-        ("latents", pa.binary()), ("latents_shape", shape), ("reference_latents", pa.binary()),
+        ("latents", pa.binary()), ("latents_shape", shape), ("background_latents", pa.binary()),
+        ("background_tagger_tokens", pa.binary()), ("background_clip_tokens", pa.binary()),
         ("tags", pa.list_(pa.string())), ("tensor_dtype", pa.string()), ("shard", pa.int32()),
     ])
 
