@@ -46,7 +46,9 @@ def build_parser():
     p.add_argument("--extractor-weights", action="append", default=[], metavar="NAME=PATH")
     p.add_argument("--segmenter", default=None, help="learned mask model (e.g. isnet); default: weight-free masks")
     p.add_argument("--segmenter-weights", default=None)
-    p.add_argument("--latent-views", default="target", help=f"comma-separated from {LATENT_VIEWS}")
+    p.add_argument("--latent-views", default="target",
+                   help=f"comma-separated from {LATENT_VIEWS}; 'background' adds what stage 2 reads (the background "
+                        "picture's latents and tokens): target,background for a stage-2 dataset")
     p.add_argument("--storage-dtype", choices=("float16", "bfloat16"), default="float16")
     p.add_argument("--encode-batch-size", type=int, default=16)
     p.add_argument("--max-pixels", type=int, default=PreprocessConfig.max_pixels)

@@ -5,6 +5,11 @@
         --workers 8 --gpu --batch-size 16 --train-steps 70000 --storage /mnt/shared/runs --run-name xl-v1
     ray job submit --working-dir . -- python jobs/train.py --stage plugin \\
         --model /mnt/models/stage1 --data s3://bucket/datasets/v1 --out /mnt/models/stage2 ...
+
+Stage 2 (``--stage plugin``) trains exactly the published set, the ReferenceNet and the background LoRA
+(``--plugin-rank``, 4 as published), from a stage-1 export or an imported model folder; a folder that
+already has ``plugin/`` trains that plug-in further. Its dataset needs the stage-2 columns
+(``jobs/preprocess.py --latent-views target,background``).
     python jobs/train.py --stage backbone --model outputs/base --data outputs/dataset --out outputs/stage1 \\
         --workers 2 --train-steps 20 --batch-size 2                              # tiny, local Ray, CPU
 
@@ -26,6 +31,7 @@ import ray  # noqa: E402
 from jobs import flags  # noqa: E402
 from model.objective import STAGES  # noqa: E402
 from pipelines.training.loop import TrainConfig  # noqa: E402
+from pipelines.training.stages import DEFAULT_PLUGIN_RANK  # noqa: E402
 from pipelines.training.trainer import absolute, make_trainer  # noqa: E402
 from pipelines.training.tracking import tracking_uri  # noqa: E402
 
@@ -42,7 +48,9 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=500, help="sample grid + Gram maps to MLflow (0 = at the end)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every this many steps")
-    p.add_argument("--plugin-rank", type=int, default=16)
+    p.add_argument("--plugin-rank", type=int, default=DEFAULT_PLUGIN_RANK,
+                   help="stage 2: rank of the background LoRA (default %(default)s, the published rank); a model that "
+                        "already has a plug-in must be trained at its own rank")
     p.add_argument("--gram-weight", type=float, default=None,
                    help="stage 1's Gram-loss weight λ after the warm-up (default: the model config's, 1; 0 = ablation)")
     p.add_argument("--run-name", default="colorize-xl")

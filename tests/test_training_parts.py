@@ -10,10 +10,30 @@ import pytest
 import torch
 
 from model.colorizer import Colorizer
+from model.objective import TrainingBatch
+from model.plugin import PluginConfig, attach_plugin
 from pipelines.training.progress import Progress, format_seconds
 from pipelines.training.stages import BackboneStage, PluginStage, build_stage
 from test_model_parts import make_batch
-from test_plugin import make_stage2_batch
+
+
+def make_stage2_batch(model, batch=2, width=64, height=96, seed=0) -> TrainingBatch:
+    """A stage-2 batch as the dataset decodes it: the background picture's latents and tokens, the crop, a
+    soft sketch mask and a binary reference mask."""
+    cfg, g = model.config, torch.Generator().manual_seed(seed)
+    images = torch.rand(2 * batch, 3, height, width, generator=g)
+    with torch.no_grad():
+        tagger_tokens, clip_tokens = model.tagger(images).tokens, model.clip(images)
+    latent = (batch, cfg.unet.latent_channels, height // cfg.latent_stride, width // cfg.latent_stride)
+    sketch_mask, reference_mask = torch.zeros(batch, 1, height, width), torch.zeros(batch, 1, height, width)
+    sketch_mask[..., : width // 2], reference_mask[..., : height // 2, :] = 0.8, 1
+    return TrainingBatch(latents=torch.randn(latent, generator=g), sketch=torch.rand(batch, 1, height, width, generator=g) * 2 - 1,
+                         clip_tokens=clip_tokens[:batch], tagger_tokens=tagger_tokens[:batch],
+                         vector_condition=torch.tensor([[float(width), 7.0]] * batch),
+                         background_latents=torch.randn(latent, generator=g), background_clip_tokens=clip_tokens[batch:],
+                         background_tagger_tokens=tagger_tokens[batch:],
+                         crop=torch.tensor([[0.05, 0.0, 0.9, 1.0]] * batch), sketch_mask=sketch_mask,
+                         reference_mask=reference_mask)
 
 
 @pytest.fixture()
@@ -107,3 +127,51 @@ def test_job_flags_parse_sizes_and_pairs_and_turn_expected_failures_into_one_lin
     with pytest.raises(KeyError):  # a bug keeps its traceback
         with flags.job_errors("train"):
             raise KeyError("bug")
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_stage2_step_moves_only_the_reference_net_and_the_background_lora(tiny_colorizer, checkpointing):
+    """The published trainable set: every parameter of the ReferenceNet that can reach the bank, and the
+    LoRA on every denoiser cross-attention; everything else (U-Net, sketch encoder, projector, the
+    ReferenceNet's frozen tail) stays bit-identical through optimizer steps."""
+    model = copy.deepcopy(tiny_colorizer)
+    stage = build_stage(model, "plugin", total_steps=2, gradient_checkpointing=checkpointing)
+    assert model.plugin.config.lora_rank == 4  # the published rank by default
+    stage.train()
+    trainable = {id(p) for p in stage.trainable_parameters()}
+    names = {n for n, p in stage.named_parameters() if id(p) in trainable}
+    reference_net = {n for n in names if n.startswith("plugin.reference_net.")}
+    lora = {n for n in names if ".attn2.processor." in n}
+    assert names == reference_net | lora and reference_net and lora
+    assert all(any(f".to_{x}." in n for n in lora) for x in "qkv")
+    assert {id(p) for p in model.plugin.reference_net.trainable_parameters()} <= trainable
+
+    before = {n: p.detach().clone() for n, p in stage.named_parameters()}
+    optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=1e-3, weight_decay=0.0)
+    batch, generator = make_stage2_batch(tiny_colorizer), torch.Generator().manual_seed(0)
+    for step in range(2):
+        losses = stage(batch, step, generator=generator)
+        assert losses.gram_weight == 0.0 and torch.isfinite(losses.loss)
+        optimizer.zero_grad()
+        losses.loss.backward()
+        optimizer.step()
+    after = dict(stage.named_parameters())
+    frozen = [n for n in before if n not in names]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(n.startswith("plugin.") for n in frozen)  # the ReferenceNet's tail after the last bank layer
+    for group in (reference_net, lora):
+        assert any(not torch.equal(before[n], after[n]) for n in group)
+    for x in "qkv":  # the LoRA of every projection learns
+        assert any(not torch.equal(before[n], after[n]) for n in lora if f".to_{x}.up." in n)
+
+
+def test_stage2_trains_an_existing_plugin_at_its_own_rank(tiny_colorizer):
+    """A model folder with plugin/ (an imported xlv2, an earlier stage-2 export) keeps its plug-in."""
+    model = copy.deepcopy(tiny_colorizer)
+    plugin = attach_plugin(model, PluginConfig(lora_rank=2))
+    stage = build_stage(model, "plugin", total_steps=1, plugin_rank=2, gradient_checkpointing=False)
+    assert stage.plugin is plugin and model.plugin is plugin
+    other = copy.deepcopy(tiny_colorizer)
+    attach_plugin(other, PluginConfig(lora_rank=2))
+    with pytest.raises(ValueError, match="rank 2, not the requested 4: train it with --plugin-rank 2"):
+        build_stage(other, "plugin", total_steps=1, gradient_checkpointing=False)

@@ -34,7 +34,7 @@ from model.vae import decode_latents
 from model.visualize import figure_image, gram_figure, grid, sketch_image
 from pipelines.data.batches import BucketBatcher, epoch_batches, rows_of
 from pipelines.training.progress import Progress, write_line
-from pipelines.training.stages import STAGES, build_stage
+from pipelines.training.stages import DEFAULT_PLUGIN_RANK, STAGES, build_stage
 from pipelines.training.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRAINING_RECORD, Tracker
 
 
@@ -43,7 +43,8 @@ class TrainConfig:
     """Everything one training run needs; logged to MLflow as its parameters."""
 
     stage: str
-    model: str  # model folder to start from (stage 1: jobs/init_model.py; stage 2: a stage-1 export)
+    model: str  # model folder to start from (stage 1: jobs/init_model.py; stage 2: a stage-1 export or an
+    # imported checkpoint, with or without plugin/)
     dataset: str  # preprocess output folder
     export: str  # where the consolidated model folder goes at the end
     steps: int = 1000
@@ -58,7 +59,7 @@ class TrainConfig:
     log_every: int = 10  # rank 0 prints step i/N, loss, samples/s and the ETA every this many steps
     seed: int = 0
     aesthetic_score: float | None = None  # the vector condition's score; None = the model config's sampling one
-    plugin_rank: int = 16
+    plugin_rank: int = DEFAULT_PLUGIN_RANK  # stage 2's background LoRA rank (the published 4)
     gram_weight: float | None = None  # stage 1's λ after the warm-up; None = the model config's (0 = ablation)
     mlflow_tracking_uri: str = DEFAULT_TRACKING_URI
     mlflow_experiment: str = DEFAULT_EXPERIMENT
@@ -243,7 +244,9 @@ def export_model(cfg: TrainConfig, trained: dict[str, torch.Tensor]) -> Path:
     frozen weights leave exactly as they came in."""
     final = Colorizer.from_pretrained(cfg.model)
     if cfg.stage == "plugin" and final.plugin is None:
-        attach_plugin(final, PluginConfig(lora_rank=cfg.plugin_rank), copy_denoiser=False)
+        # as training started: the ReferenceNet copied from the denoiser, so its few parameters that never
+        # train (the frozen tail after the last bank layer) leave as they started
+        attach_plugin(final, PluginConfig(lora_rank=cfg.plugin_rank))
     result = final.load_state_dict(trained, strict=False)
     if result.unexpected_keys:
         raise RuntimeError(f"trained parameters not in the model: {result.unexpected_keys[:10]}")

@@ -3,7 +3,7 @@
 Each stage is an ``nn.Module`` whose attribute names mirror :class:`model.colorizer.Colorizer`'s, so its
 parameter names are the exported model's, and whose ``forward(batch, step)`` returns the step's
 :class:`model.objective.StepLosses`. What differs between the stages (stage 1's λ schedule for the Gram
-loss; stage 2's frozen backbone and plugin) lives inside them, so the loop never asks which stage it runs.
+loss; stage 2's frozen backbone, ReferenceNet and background LoRA) lives inside them, so the loop never asks which stage it runs.
 """
 
 from __future__ import annotations
@@ -58,12 +58,24 @@ class BackboneStage(TrainingStage):
         return [p for m in (self.unet, self.sketch_encoder, self.projector) for p in m.parameters()]
 
 
-class PluginStage(TrainingStage):
-    """Stage 2: only the plugin and the split-attention adapters train; the backbone is frozen."""
+DEFAULT_PLUGIN_RANK = PluginConfig().lora_rank  # the published background LoRA's rank (4)
 
-    def __init__(self, colorizer: Colorizer, rank: int):
+
+class PluginStage(TrainingStage):
+    """Stage 2 as published: the ReferenceNet and the background LoRA (every denoiser cross-attention's
+    ``to_q``/``to_k``/``to_v``) train; everything else (U-Net, sketch encoder, projector) is frozen.
+
+    A model without a plug-in gets a fresh one (ReferenceNet copied from the denoiser, LoRA of ``rank``); a
+    model that has one (an imported ``xlv2`` checkpoint, an earlier stage-2 export) trains it further, and
+    ``rank`` must then be its LoRA rank."""
+
+    def __init__(self, colorizer: Colorizer, rank: int = DEFAULT_PLUGIN_RANK):
         if colorizer.plugin is None:
             attach_plugin(colorizer, PluginConfig(lora_rank=rank))
+        elif colorizer.plugin.config.lora_rank != rank:
+            raise ValueError(f"the model's plug-in has a background LoRA of rank {colorizer.plugin.config.lora_rank}, "
+                             f"not the requested {rank}: train it with --plugin-rank "
+                             f"{colorizer.plugin.config.lora_rank}, or start from a model folder without plugin/")
         trainable = prepare_stage2(colorizer)
         super().__init__(colorizer)
         self._trainable = trainable
@@ -77,7 +89,7 @@ class PluginStage(TrainingStage):
 
 
 def build_stage(colorizer: Colorizer, stage: str, *, total_steps: int, gram_weight: float | None = None,
-                plugin_rank: int = 16, gradient_checkpointing: bool = True) -> TrainingStage:
+                plugin_rank: int = DEFAULT_PLUGIN_RANK, gradient_checkpointing: bool = True) -> TrainingStage:
     """The module DeepSpeed wraps, with ``requires_grad`` set on exactly its trainable parameters."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")

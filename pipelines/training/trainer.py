@@ -15,7 +15,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipelines.data.batches import columns_for, steps_per_epoch
+from pipelines.data.batches import check_dataset_for, columns_for, steps_per_epoch
 from pipelines.data.layout import DATA, finished_manifest
 from pipelines.training.loop import TrainConfig, local_rank_environment, train_loop_per_worker
 from pipelines.training.tracking import tracking_uri
@@ -43,6 +43,7 @@ def with_dataset_steps(cfg: TrainConfig, workers: int) -> TrainConfig:
     """``cfg`` with ``steps_per_epoch`` derived from the dataset manifest: the same on every worker, so
     every worker's epoch ends together (ZeRO-2 steps are collectives)."""
     manifest = finished_manifest(cfg.dataset)
+    check_dataset_for(cfg.stage, manifest, cfg.dataset)
     per_epoch = steps_per_epoch(manifest["rows"] // workers, len(manifest["buckets"]), cfg.batch_size)
     return dataclasses.replace(cfg, steps_per_epoch=per_epoch)
 
