@@ -95,3 +95,52 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     client, runs = mlflow_runs(data)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 12
+
+
+def plugin_tensors(model) -> dict:
+    """The plug-in's tensors as its folder holds them (ReferenceNet and background LoRA)."""
+    from model.plugin import _weights_view
+
+    return {k: v.detach().clone() for k, v in _weights_view(model).state_dict().items()}
+
+
+def test_plugin_stage_trains_only_the_published_set_from_a_model_with_or_without_a_plugin(data):
+    """Stage 2 through the trainer (2 workers, ZeRO-2): from a folder without plugin/ it attaches the
+    published plug-in (rank 4) and trains the ReferenceNet and the background LoRA; everything else leaves
+    bit-identical; a folder that has plugin/ (here that export) trains its plug-in further."""
+    import torch
+
+    from model.colorizer import Colorizer
+    from model.plugin import PluginConfig, attach_plugin
+
+    uri = f"sqlite:///{data / 'plugin.db'}"
+    first, second = data / "plugin-a", data / "plugin-b"
+    common = ("--stage", "plugin", "--train-steps", "2", "--checkpoint-every", "2", "--mlflow-uri", uri)
+    train(data, *common, "--run-name", "tiny-plugin-a", "--out", str(first))
+    train(data, *common, "--run-name", "tiny-plugin-b", "--model", str(first), "--out", str(second))
+
+    base, started = Colorizer.from_pretrained(data / "base"), Colorizer.from_pretrained(data / "base")
+    attach_plugin(started, PluginConfig(lora_rank=4))  # what stage 2 starts from
+    trained, further = Colorizer.from_pretrained(first), Colorizer.from_pretrained(second)
+    for model in (trained, further):
+        assert model.plugin is not None and model.plugin.config == PluginConfig(lora_rank=4)
+        state = model.state_dict()
+        for key, value in base.state_dict().items():  # the backbone and the encoders: untouched
+            assert torch.equal(state[key], value), key
+
+    dead = {"reference_net." + n.removeprefix("unet.") for n in started.plugin.reference_net._dead_names}
+    for before, after in ((plugin_tensors(started), plugin_tensors(trained)),
+                          (plugin_tensors(trained), plugin_tensors(further))):
+        assert before.keys() == after.keys()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert any(k.startswith("reference_net.") for k in changed)
+        assert {k.rsplit(".", 3)[-3] for k in changed if k.startswith("background_lora.")} >= {"to_q", "to_k", "to_v"}
+        assert not changed & dead  # the ReferenceNet's tail after the last bank layer never trains
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("colorize-xl").experiment_id])
+    assert len(runs) == 2 and {r.data.params["stage"] for r in runs} == {"plugin"}
+    assert {r.data.params["plugin_rank"] for r in runs} == {"4"}
+    assert all(np.isfinite(m.value) for r in runs for m in client.get_metric_history(r.info.run_id, "loss"))
