@@ -6,7 +6,7 @@ Seven steps, each skipped when its output already exists:
 2. assemble the base model folder (tiny preset, random init; holds the frozen encoders);
 3. preprocess both corpora with Ray Data (sketches, masks, tokens, latents → Parquet shards);
 4. train stage 1 (backbone with the Gram loss) with Ray Train + DeepSpeed ZeRO-2 on two CPU workers,
-5. then stage 2 (plugin), both tracked in MLflow (``outputs/demo/mlflow.db``);
+5. then stage 2 (the plug-in: ReferenceNet + background LoRA), both tracked in MLflow (``outputs/demo/mlflow.db``);
 6. evaluate the stage-2 model on the held-out set with the Table 1 protocol (Ray Data actors), logged to
    MLflow next to its training run;
 7. serve it with Ray Serve and send one HTTP request: a dataset sketch after another image's reference;
@@ -179,7 +179,7 @@ def start_over_if_stale(out: Path) -> str | None:
 
 
 def preprocess(corpus: Path, dataset: Path, base: Path) -> dict:
-    cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "reference"))
+    cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "background"))
     done_before = (read_manifest(str(dataset)) or {}).get("complete", False)
     manifest = run_preprocess(str(corpus), str(dataset), cfg)
     return {"dataset": str(dataset), "rows": manifest["rows"], "errors": manifest["errors"],
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
                 outputs.update(train_stage("backbone", out / "base", dataset, stage1, args.train_steps, out, tracking,
                                            val_dataset))
                 stage1_outputs = dict(outputs)
-            with chain.step("train stage 2: plugin + split attention (Ray Train + DeepSpeed ZeRO-2)") as outputs:
+            with chain.step("train stage 2: plug-in = ReferenceNet + background LoRA (Ray Train + DeepSpeed ZeRO-2)") as outputs:
                 outputs.update(train_stage("plugin", stage1, dataset, stage2, max(1, args.train_steps // 4), out,
                                            tracking, val_dataset))
                 learned = {"stage 1": stage1_outputs, "stage 2": dict(outputs)}

@@ -7,7 +7,8 @@ same number before and after training (same rows, same seed, same noise, timeste
 shows learning, or its absence, long before the pictures do.
 
 The loss is the training stage's own (:mod:`pipelines.training.stages`: stage 1 with λ = 0, so no Gram
-term; stage 2 with the plugin and split attention), evaluated under ``torch.no_grad`` with
+term; stage 2 with the ReferenceNet bank, the background LoRA and the soft split attention, on the
+background picture, crop and masks the dataset caches), evaluated under ``torch.no_grad`` with
 a seeded generator on the first ``samples`` rows of a preprocessed dataset, each with its first sketch
 variant, batched by aspect bucket as training batches them.
 """
@@ -31,8 +32,9 @@ def heldout_diffusion_loss(model_folder: str, dataset: str, *, stage: str = "bac
     """Mean v-prediction diffusion loss of the model in ``model_folder`` over the first ``samples`` rows of
     the preprocessed ``dataset`` (sample-weighted over single-bucket batches of at most ``batch_size``).
 
-    ``stage``: "backbone" (stage 1's loss, no Gram term) or "plugin" (stage 2's loss with the plugin and
-    split attention; a folder without a plugin gets a fresh one, as stage-2 training starts from).
+    ``stage``: "backbone" (stage 1's loss, no Gram term) or "plugin" (stage 2's loss with the plug-in and
+    split attention; a folder without a plug-in gets a fresh one of the published rank, as stage-2 training
+    starts from; the dataset needs the stage-2 columns, ``--latent-views target,background``).
     ``device``: None = CUDA when available, else CPU. The same model, rows and ``seed`` give the same number.
     """
     if stage not in STAGES:
@@ -42,7 +44,8 @@ def heldout_diffusion_loss(model_folder: str, dataset: str, *, stage: str = "bac
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Colorizer.from_pretrained(model_folder, device=device, components=("unet", "vae"))
     # The stage module attaches a fresh plugin where there is none; λ = 0 leaves the Gram term out.
-    objective = build_stage(model, stage, total_steps=1, gram_weight=0.0, gradient_checkpointing=False)
+    rank = {"plugin_rank": model.plugin.config.lora_rank} if model.plugin is not None else {}
+    objective = build_stage(model, stage, total_steps=1, gram_weight=0.0, gradient_checkpointing=False, **rank)
     rows = first_rows(dataset, stage, samples)
     batches = heldout_batches(rows, stage, batch_size, seed, model.config.sampling.aesthetic_score)
     return mean_diffusion_loss(objective, batches, seed, model.device, model.dtype)

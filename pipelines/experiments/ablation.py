@@ -4,7 +4,8 @@ Three rungs, each a training run of its own in one MLflow experiment (siblings),
 
 1. ``no-gram``: stage 1 with λ = 0 (the dual branch never runs): the plain reference-based backbone;
 2. ``gram``: stage 1 with the Gram loss (λ = 0 for the first third of the steps, then the config's);
-3. ``gram-plugin``: stage 2 (plugin + split attention) trained on top of rung 2's export.
+3. ``gram-plugin``: stage 2 (the published plug-in: ReferenceNet + background LoRA, rank 4) trained on top
+   of rung 2's export; its training data needs the stage-2 columns (``--latent-views target,background``).
 
 Each rung gets the Table 1 metrics (:mod:`pipelines.evaluation.protocol`) and the spatial-entanglement measures
 (:mod:`pipelines.evaluation.entanglement`): the mean squared distance between the Gram matrices of the aligned and
@@ -23,7 +24,8 @@ from pathlib import Path
 import mlflow
 
 from model.colorizer import Colorizer, is_model_folder
-from pipelines.data.layout import read_all
+from pipelines.data.batches import check_dataset_for
+from pipelines.data.layout import finished_manifest, read_all
 from pipelines.evaluation.entanglement import spatial_entanglement
 from pipelines.evaluation.metrics import table1_arrow
 from pipelines.evaluation.mlflow_report import log_to_mlflow
@@ -47,7 +49,7 @@ class Rung:
 LADDER = (
     Rung("no-gram", "backbone", "base", 0.0, "stage 1 without the Gram loss"),
     Rung("gram", "backbone", "base", None, "stage 1 with the Gram loss"),
-    Rung("gram-plugin", "plugin", "gram", None, "stage 1 with the Gram loss + stage 2 plugin"),
+    Rung("gram-plugin", "plugin", "gram", None, "stage 1 with the Gram loss + stage 2 plug-in (ReferenceNet + background LoRA)"),
 )
 
 
@@ -176,6 +178,8 @@ def run_ablation(settings: AblationSettings, evaluation: EvaluationConfig, resou
     table. ``runner`` spreads the evaluation over Ray Data actors (None: in this process)."""
     names = settings.rung_names()
     evaluation.choices()  # a missing extractor stops the ablation before any training
+    for name in names:  # and so does training data without what a rung's stage reads
+        check_dataset_for(rung(name).stage, finished_manifest(settings.data), settings.data)
     for name in names:
         train_rung(settings, name, resources, storage, batch_size=batch_size, lr=lr, seed=seed,
                    mlflow_tracking_uri=tracking, checkpoint_every=max(1, settings.train_steps // 4), sample_every=0)
