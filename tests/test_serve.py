@@ -248,9 +248,18 @@ def test_out_of_range_parameters(server, pair, fields, words):
     assert_error(post(files_of(pair), fields), 422, *words)
 
 
-def test_background_reference_needs_a_plugin(server, pair):
-    response = post(files_of(pair, background_reference=("bg.png", pair[1], "image/png")))
-    assert_error(response, 422, "background_reference", "plugin")
+def test_background_reference_needs_a_split_and_background_enhance_gives_one(server, pair):
+    background = ("bg.png", pair[1], "image/png")
+    response = post(files_of(pair, background_reference=background))
+    assert_error(response, 422, "background_reference needs the plugin on or background_enhance=true")
+    fields = {"seed": "3", "steps": "1", "width": "64", "height": "64"}
+    enhanced = post(files_of(pair, background_reference=background),
+                    {**fields, "background_enhance": "true", "merge_scale": "0.2", "sketch_mask_threshold": "0.1"})
+    assert enhanced.status_code == 200, enhanced.text
+    assert (enhanced.headers["X-Background-Enhance"], enhanced.headers["X-Merge-Scale"]) == ("true", "0.2")
+    assert enhanced.headers["X-Sketch-Mask-Threshold"] == "0.1"
+    assert to_array(enhanced.content).shape == (64, 64, 3)  # what the split changes: tests/test_plugin.py
+    assert_error(post(files_of(pair), {**fields, "merge_scale": "2"}), 422, "merge_scale")
 
 
 # ------------------------------------------------------------------------------------ auth, overload
@@ -299,7 +308,7 @@ def test_plugin_model_takes_a_background_reference(server, pair):
     assert np.abs(to_array(off.content).astype(int) - to_array(plain.content).astype(int)).max() > 0
     refused = post(files_of(pair, background_reference=background), {**fields, "plugin": "off"}, url=SECURED,
                    headers=good)
-    assert_error(refused, 422, "background_reference needs the plugin on")
+    assert_error(refused, 422, "background_reference needs the plugin on or background_enhance=true")
 
 
 def test_extract_lines_turns_a_colored_drawing_into_a_sketch(server, pair):
@@ -428,7 +437,8 @@ def test_page_colorizes_and_downloads_in_chromium(server, pair, browser, tmp_pat
     wait_for(browser, lambda d: "tiny preset" in d.find_element(By.ID, "model-line").text)
     go = browser.find_element(By.ID, "go")
     assert not go.is_enabled()  # nothing to colorize yet
-    assert not browser.find_element(By.ID, "drop-background_reference").is_displayed()  # no plugin here
+    assert not browser.find_element(By.ID, "plugin-row").is_displayed()  # no plugin here
+    assert browser.find_element(By.ID, "background-box").is_displayed()  # background enhance works without
 
     browser.find_element(By.ID, "file-sketch").send_keys(str(sketch_file))  # the file picker
     drop_file(browser, "drop-reference", "ref.png", pair[1])  # drag and drop
