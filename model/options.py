@@ -55,7 +55,8 @@ class ColorizeOptions:
       plug-in (the published ``bg_enhance`` of ``sdxl`` models: a hard split at the sketch threshold).
     - ``foreground_strength``, ``background_strength``: weight of each region's reading of its reference,
       0..10; ``merge_scale``: how much of the background reading the foreground takes in, 0..1 (both
-      only with the plug-in or ``background_enhance``).
+      only with the plug-in or ``background_enhance``; as published, ``background_enhance`` without the
+      plug-in uses the strengths only when ``merge_scale`` > 0).
     - ``sketch_mask_threshold``: sketch-mask value above which a token is foreground in the hard splits
       (published default 0.05); ``reference_mask_threshold``: reference-mask value from which a pixel is
       painted white for the background picture (published default 0.5).

@@ -8,7 +8,8 @@ foreground (the character) or the background, and:
   reference]``. With the plug-in (``xlv2`` models) the two readings are blended softly,
   ``out = fg · m + bg · (1 − m)``, with ``fg = fg_s · A(q, fg half) · (1 − merge) + merge · bg`` and
   ``bg = bg_s · A(q, bg half)``. Without it (``bg_enhance`` on ``sdxl`` models) the split is hard at a
-  threshold: a query reads only its region's half.
+  threshold: a query reads only its region's half (with ``merge_scale`` 0 the published code ignores the
+  strengths there, and so do we; with ``merge_scale`` > 0 the foreground side is ``fg`` above).
 * **decoder self-attention** (``attn1`` of the blocks in ``up_blocks``), when the plug-in's ReferenceNet has
   written its bank (:mod:`model.plugin`): foreground queries (``m`` above the threshold) attend to their own
   tokens only, background queries to the bank's tokens only.
@@ -199,17 +200,20 @@ class CrossAttentionSplit(nn.Module):
         fg_key, bg_key = key.chunk(2, dim=1)
         fg_value, bg_value = value.chunk(2, dim=1)
         batch, tokens, _ = hidden_states.shape
-        foreground = attend(attn.heads, query, fg_key, fg_value) * state.foreground_strength
-        background = attend(attn.heads, query, bg_key, bg_value) * state.background_strength
+        foreground = attend(attn.heads, query, fg_key, fg_value)
+        background = attend(attn.heads, query, bg_key, bg_value)
+        mask = state.region(tokens, batch)
+        if not state.blend and state.merge_scale == 0:  # as published: the plain hard split, strengths unused
+            out = torch.where(mask > state.threshold, foreground, background)
+            return attn.to_out[1](attn.to_out[0](out))
+        foreground = foreground * state.foreground_strength
+        background = background * state.background_strength
         if state.merge_scale > 0:
             foreground = foreground * (1 - state.merge_scale) + background * state.merge_scale
-        mask = state.region(tokens, batch)
         if state.blend:
             out = foreground * mask.to(foreground.dtype) + background * (1 - mask).to(foreground.dtype)
-        elif state.merge_scale > 0:  # the reference tests "background below" on this path, "foreground above" else
+        else:  # the published code tests "background below" on this path, "foreground above" on the plain one
             out = torch.where(mask < state.threshold, background, foreground)
-        else:
-            out = torch.where(mask > state.threshold, foreground, background)
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -77,6 +77,26 @@ def test_hard_cross_attention_split_is_the_dense_masked_call(unet, lora):
         expected = output(merged, dense_reference(merged, merged.to_q(x), merged.to_k(context), merged.to_v(context),
                                                   foreground, torch.arange(14) < 7))
     torch.testing.assert_close(ours, expected, rtol=0, atol=2e-6)
+    with torch.no_grad():  # as published, the plain hard split leaves the strengths unused
+        scaled = attn(x, context, **split_attention_kwargs(mask_left(), background_lora=lora, foreground_strength=2.0,
+                                                           background_strength=0.5))
+    torch.testing.assert_close(scaled, ours, rtol=0, atol=0)
+
+
+def test_hard_split_with_merge_scales_and_selects_below_the_threshold(unet):
+    attn = unet.get_submodule(CROSS)
+    g = torch.Generator().manual_seed(7)
+    x, context = torch.randn(1, 48, 64, generator=g), torch.randn(1, 14, 64, generator=g)
+    mask = torch.rand(1, 1, *GRID, generator=g)
+    with torch.no_grad():
+        ours = attn(x, context, **split_attention_kwargs(mask, threshold=0.4, foreground_strength=1.5,
+                                                         background_strength=0.5, merge_scale=0.3))
+        q, k, v = attn.to_q(x), attn.to_k(context), attn.to_v(context)
+        fg = attend(attn.heads, q, k[:, :7], v[:, :7]) * 1.5
+        bg = attend(attn.heads, q, k[:, 7:], v[:, 7:]) * 0.5
+        fg = fg * 0.7 + bg * 0.3
+        expected = output(attn, torch.where(mask.flatten(1)[..., None] < 0.4, bg, fg))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
 def test_soft_blend_with_strengths_and_merge_follows_the_published_formula(unet):
