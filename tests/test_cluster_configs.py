@@ -507,6 +507,12 @@ def test_rayservice_args_pass_the_apps_validation(serve_configs):
     assert spec.get("enableInTreeAutoscaling"), "Serve autoscaling needs Ray's autoscaler to add GPU nodes"
     with pytest.raises(ValueError):
         AppOptions.from_args({**app["args"], "dtype": "fp8"})
+    with pytest.raises(ValueError):
+        AppOptions.from_args({**app["args"], "reference_masker": "u2net"})
+    assert options.mask_models() == {"reference": None, "sketch": None}  # weight-free unless files are named
+    missing = AppOptions.from_args({**app["args"], "sketch_masker_weights": "/nowhere/sketch-segment.safetensors"})
+    with pytest.raises(ValueError, match="/nowhere/sketch-segment.safetensors do not exist"):
+        missing.mask_models()
     env = {e["name"] for g in pod_groups(spec) for e in g["template"]["spec"]["containers"][0].get("env", [])}
     assert "COLORIZE_API_TOKEN" in env, "the API token comes from a Secret, never from the config"
     assert "api_token" not in app["args"]
