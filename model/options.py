@@ -57,8 +57,9 @@ class ColorizeOptions:
       0..10; ``merge_scale``: how much of the background reading the foreground takes in, 0..1 (both
       only with the plug-in or ``background_enhance``; as published, ``background_enhance`` without the
       plug-in uses the strengths only when ``merge_scale`` > 0).
-    - ``sketch_mask_threshold``: sketch-mask value above which a token is foreground in the hard splits
-      (published default 0.05); ``reference_mask_threshold``: reference-mask value from which a pixel is
+    - ``sketch_mask_threshold``: sketch-mask value above which a token is foreground in the hard
+      cross-attention split of ``background_enhance`` (published default 0.05; as published, the plug-in's
+      soft blend does not use it and its bank self-attention keeps 0.05); ``reference_mask_threshold``: reference-mask value from which a pixel is
       painted white for the background picture (published default 0.5).
     - ``sampler``: one of :data:`SAMPLERS`; ``None`` = ``config.sampling.sampler``.
     """

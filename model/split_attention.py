@@ -11,7 +11,7 @@ foreground (the character) or the background, and:
   threshold: a query reads only its region's half (with ``merge_scale`` 0 the published code ignores the
   strengths there, and so do we; with ``merge_scale`` > 0 the foreground side is ``fg`` above).
 * **decoder self-attention** (``attn1`` of the blocks in ``up_blocks``), when the plug-in's ReferenceNet has
-  written its bank (:mod:`model.plugin`): foreground queries (``m`` above the threshold) attend to their own
+  written its bank (:mod:`model.plugin`): foreground queries (``m`` above 0.05, fixed as published) attend to their own
   tokens only, background queries to the bank's tokens only.
 * the plug-in's **background LoRA**: rank-r factors on ``to_q``, ``to_k`` and ``to_v`` of every cross-attention,
   applied to all tokens while the plug-in is on (the reference merges them into the weights then).
@@ -41,6 +41,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 STATE_KEY = "split_attention"
+BANK_THRESHOLD = 0.05  # the published bank self-attention's foreground test (attn1's own mask_threshold)
 _STOCK = AttnProcessor2_0()
 LORA_PROJECTIONS = ("to_q", "to_k", "to_v")
 
@@ -65,7 +66,9 @@ class SplitAttentionState:
     cross-attention blend (plug-in) instead of the hard split. ``bank``: ReferenceNet tokens (b, M, C) per
     decoder self-attention name, or ``None`` (self-attention stays stock). ``background_lora``: apply the
     cross-attentions' background LoRA. ``threshold``: foreground test ``m > threshold`` of the hard
-    cross-attention split and of the self-attention split. Tensors whose batch b divides the denoiser's
+    cross-attention split (the user's sketch threshold); ``bank_threshold``: the same for the bank
+    self-attention, which the published code keeps at 0.05 whatever the user sets. Tensors whose batch b
+    divides the denoiser's
     batch are tiled, so guidance conditions stacked condition-major share one state.
     """
 
@@ -77,6 +80,7 @@ class SplitAttentionState:
     foreground_strength: float = 1.0
     background_strength: float = 1.0
     merge_scale: float = 0.0
+    bank_threshold: float = BANK_THRESHOLD
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def region(self, tokens: int, batch: int) -> torch.Tensor:
@@ -240,7 +244,7 @@ class BankSelfAttention(nn.Module):
         query = attn.to_q(hidden_states)
         own = attend(attn.heads, query, attn.to_k(hidden_states), attn.to_v(hidden_states))
         other = attend(attn.heads, query, attn.to_k(bank), attn.to_v(bank))
-        out = torch.where(state.region(tokens, batch) > state.threshold, own, other)
+        out = torch.where(state.region(tokens, batch) > state.bank_threshold, own, other)
         return attn.to_out[1](attn.to_out[0](out))
 
 
