@@ -33,6 +33,25 @@ def test_ladder_settings_are_checked_before_any_work(tmp_path):
         "plugin", 3, str(tmp_path / "gram"), "ablation-gram-plugin")
 
 
+def test_a_plugin_rung_on_data_without_the_background_view_stops_before_any_training(tmp_path):
+    from pipelines.data.layout import MANIFEST_FILE, SCHEMA_VERSION
+    from pipelines.evaluation.protocol import EvaluationConfig
+    from pipelines.experiments.ablation import AblationSettings, run_ablation
+    from pipelines.training.trainer import WorkerResources
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / MANIFEST_FILE).write_text(json.dumps({"schema_version": SCHEMA_VERSION, "complete": True,
+                                                  "config": {"latent_views": ["target"]}}))
+    settings = AblationSettings(model=str(tmp_path / "no-model"), data=str(data), eval_data=str(data),
+                                out=str(tmp_path / "out"))
+    evaluation = EvaluationConfig(fid_extractor="substitute:clip", clip_extractor="substitute:model")
+    with pytest.raises(ValueError, match="--latent-views target;.*target,background"):
+        run_ablation(settings, evaluation, WorkerResources(), tracking="sqlite:///unused.db",
+                     storage=str(tmp_path / "runs"), batch_size=2)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
 def test_relative_sqlite_stores_are_made_absolute_for_ray_workers(tmp_path, monkeypatch):
     from pipelines.training.tracking import tracking_uri
 
@@ -113,8 +132,9 @@ def test_compare_lines_the_rungs_up(ablation, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
-    """Stage 2 keeps every stage-1 weight bit-identical and adds a plugin whose adapters have moved off
-    their zero init; the plugin changes the picture and can be switched off."""
+    """Stage 2 keeps every stage-1 weight bit-identical and adds the published plug-in (ReferenceNet and a
+    rank-4 background LoRA on every cross-attention's q/k/v) whose LoRA has moved off its zero init; the
+    plug-in changes the picture and can be switched off."""
     import numpy as np
     import torch
 
@@ -131,6 +151,9 @@ def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
         assert torch.equal(new[name], tensor), f"frozen weight {name} changed in stage 2"
     adapters = {k: v for k, v in new.items() if ".processor." in k and k.endswith(".up.weight")}
     assert adapters and all(v.abs().sum() > 0 for v in adapters.values())
+    assert all(".attn2.processor.to_" in k and v.shape[1] == 4 for k, v in adapters.items())
+    assert {k.split(".processor.")[1].split(".")[0] for k in adapters} == {"to_q", "to_k", "to_v"}
+    assert after.plugin.config.lora_rank == 4
 
     picture = synthetic_illustration(seed=2, width=96, height=96)
     on = np.asarray(after.colorize(picture.sketch, picture.color,

@@ -54,3 +54,22 @@ def test_the_plugin_stage_measures_stage_two_loss(tiny_dataset):
 def test_an_unknown_stage_is_refused(tiny_dataset):
     with pytest.raises(ValueError, match="stage must be one of"):
         heldout_diffusion_loss(str(tiny_dataset / "base"), str(tiny_dataset / "dataset"), stage="stage3")
+
+
+def test_a_model_with_its_own_plugin_is_measured_with_it(tiny_dataset, tmp_path):
+    """A folder with plugin/ (any rank) is measured with that plug-in, and the number moves with it."""
+    from model.colorizer import Colorizer
+    from model.plugin import PluginConfig, attach_plugin
+    from model.split_attention import lora_parameters
+
+    dataset = str(tiny_dataset / "dataset")
+    model = Colorizer.from_pretrained(tiny_dataset / "base")
+    attach_plugin(model, PluginConfig(lora_rank=2))
+    folder = model.save_pretrained(tmp_path / "with-plugin")
+    first = heldout_diffusion_loss(str(folder), dataset, stage="plugin", samples=4, batch_size=2, seed=0)
+    assert math.isfinite(first) and first > 0
+    with torch.no_grad():  # a LoRA that does something
+        for p in lora_parameters(model.unet.unet):
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    changed = model.save_pretrained(tmp_path / "changed")
+    assert abs(heldout_diffusion_loss(str(changed), dataset, stage="plugin", samples=4, batch_size=2) - first) > 1e-5
