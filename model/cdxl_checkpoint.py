@@ -234,7 +234,7 @@ def map_reference_net(tensors: Mapping[str, torch.Tensor], unet: UNetConfig,
     """``bg_encoder.*`` tensors (SGM layout) → (our ReferenceNet's ``UNet2DConditionModel`` keys, the
     diffusers keys dropped by :func:`reference_net_dropped_prefixes`). Works on meta tensors too."""
     renamed = {UNET_PREFIX + key[len(REFERENCE_NET_PREFIX):]: value for key, value in tensors.items()}
-    converted = pretrained._convert_ldm(convert_ldm_unet_checkpoint, renamed, reference_net_kwargs(unet), Path(path))
+    converted = pretrained.convert_ldm(convert_ldm_unet_checkpoint, renamed, reference_net_kwargs(unet), Path(path))
     prefixes = reference_net_dropped_prefixes(unet)
     dropped = sorted(key for key in converted if key.startswith(prefixes))
     return {key: value for key, value in converted.items() if not key.startswith(prefixes)}, dropped

@@ -107,7 +107,7 @@ def _diffusers_folder(path: Path, subfolder: str) -> Path:
 # ------------------------------------------------------------------------------ original-format files
 
 
-def _convert_ldm(
+def convert_ldm(
     converter: Callable[[dict, dict], dict], checkpoint: dict[str, torch.Tensor], config: dict, path: Path
 ) -> dict[str, torch.Tensor]:
     """Run a diffusers LDM→diffusers converter and make its silent gaps loud.
@@ -136,12 +136,12 @@ def unet_from_ldm(ldm: dict[str, torch.Tensor], cfg: UNetConfig, path: PathLike)
     """SGM-layout U-Net tensors (``model.diffusion_model.*`` keys) → diffusers keys, refusing any that
     have no place there. The tensors themselves are kept (no copy)."""
     # The converter reads layers_per_block and addition_embed_type: our constructor kwargs have both.
-    return _convert_ldm(convert_ldm_unet_checkpoint, ldm, unet_kwargs(cfg), Path(path))
+    return convert_ldm(convert_ldm_unet_checkpoint, ldm, unet_kwargs(cfg), Path(path))
 
 
 def vae_from_ldm(ldm: dict[str, torch.Tensor], cfg: VAEConfig, path: PathLike) -> dict[str, torch.Tensor]:
     """LDM-layout VAE tensors (one prefix such as ``first_stage_model.``, or none) → diffusers keys."""
-    return _convert_ldm(convert_ldm_vae_checkpoint, ldm, vae_kwargs(cfg), Path(path))
+    return convert_ldm(convert_ldm_vae_checkpoint, ldm, vae_kwargs(cfg), Path(path))
 
 
 def _unet_state_dict(path: Path, cfg: UNetConfig, dtype: torch.dtype | None) -> tuple[dict[str, torch.Tensor], Path]:
