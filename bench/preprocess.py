@@ -142,7 +142,9 @@ def bench_bytes(args, preset: str) -> None:
         "latents": config.unet.latent_channels * latent * latent * 2,
         "tagger_tokens": config.tagger.num_tokens * config.tagger.token_dim * 2,
         "clip_tokens": config.clip.num_tokens * config.clip.embed_dim * 2,
-        "reference_latents (optional view)": config.unet.latent_channels * latent * latent * 2,
+        "background_latents (stage-2 view)": config.unet.latent_channels * latent * latent * 2,
+        "background_tagger_tokens (stage-2 view)": config.tagger.num_tokens * config.tagger.token_dim * 2,
+        "background_clip_tokens (stage-2 view)": config.clip.num_tokens * config.clip.embed_dim * 2,
     }
     picture = synthetic_illustration(seed=1, width=side, height=side).color
     drawings = [fn(picture) for fn in CLASSIC_EXTRACTORS.values()]

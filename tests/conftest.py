@@ -58,7 +58,7 @@ def tiny_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-dataset")
     write_corpus(root / "corpus", count=24)
     base = init_model(root / "base", "tiny", seed=0)
-    cfg = PreprocessConfig(preset="tiny", shard_size=12, encoders=str(base), latent_views=("target", "reference"))
+    cfg = PreprocessConfig(preset="tiny", shard_size=12, encoders=str(base), latent_views=("target", "background"))
     output = str(root / "dataset")
     plan = load_or_create_plan(str(root / "corpus"), output, cfg)
     encoder = ShardEncoder(cfg)

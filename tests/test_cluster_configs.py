@@ -415,7 +415,7 @@ def test_preprocess_job_uses_every_gpu_and_stores_stage_two_latents():
     (script, args), = rayjob_commands(doc)
     parsed = parse_job(script, args)
     assert parsed.encoder_actors == gpus_of(doc["spec"]["rayClusterSpec"])
-    assert set(parsed.latent_views.split(",")) == {"target", "reference"}, "stage 2 needs reference latents"
+    assert set(parsed.latent_views.split(",")) == {"target", "background"}, "stage 2 needs the background view"
     assert parsed.encoders.startswith(SHARED_MOUNT) and parsed.preset == "sdxl"
 
 
