@@ -12,7 +12,7 @@ and are run with:
   aspect fitted into the picture's, anchored at the top-left.
 
 The mask models are pluggable (:class:`MaskModels`): learned segmenters from local weights
-(:mod:`pipelines.data.segmenter`), or the weight-free masks of :mod:`model.masks` as the fallback.
+(:mod:`model.segmenter`), or the weight-free masks of :mod:`model.masks` as the fallback.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ class MaskModels:
         with name one of ``rmbg-2.0`` (the published default), ``birefnet``, ``birefnet-hr``, ``isnet``;
         ``sketch`` = (name, path), normally ``("isnet-sketch", sketch-segment.safetensors)``. A ``None``
         keeps the weight-free mask for that side. ``masker_options`` go to
-        :func:`pipelines.data.segmenter.load_masker` (sizes of a reduced copy, for tests)."""
-        from pipelines.data import segmenter  # the learned nets live with the preprocessing that also uses them
+        :func:`model.segmenter.load_masker` (sizes of a reduced copy, for tests)."""
+        from model import segmenter  # imported on demand: BiRefNet pulls in torchvision's deformable conv
 
         device = device or "cpu"
         models = cls()

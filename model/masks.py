@@ -3,7 +3,7 @@
 Reference images: the background is whatever connects to the border and looks like the border's color
 (illustrations mostly sit on a flat or gently varying backdrop). Sketches: the background is the paper
 reachable from the border without crossing a line; regions enclosed by strokes are foreground. The
-learned alternative (:mod:`pipelines.data.segmenter`) replaces both where its weights are given.
+learned alternative (:mod:`model.segmenter`) replaces both where its weights are given.
 
 Masks are (H, W) uint8, 255 = foreground.
 """

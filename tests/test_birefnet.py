@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.data.birefnet import BiRefNet, BiRefNetConfig, image_patches
-from pipelines.data.segmenter import MASKERS, load_masker, reference_mask
+from model.birefnet import BiRefNet, BiRefNetConfig, image_patches
+from model.segmenter import MASKERS, load_masker, reference_mask
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity_masks"
 

@@ -268,7 +268,7 @@ def test_learned_mask_models_load_from_published_files_and_drive_the_split(tiny_
     from safetensors.torch import save_file
 
     from model.background import MaskModels
-    from pipelines.data.segmenter import build_masker
+    from model.segmenter import build_masker
 
     torch.manual_seed(0)
     paths = {}

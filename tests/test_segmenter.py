@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.data.birefnet import BiRefNetConfig
-from pipelines.data.segmenter import (
+from model.birefnet import BiRefNetConfig
+from model.segmenter import (
     MASKERS,
     SEGMENTERS,
     ForegroundSegmenter,
@@ -463,7 +463,7 @@ def test_reference_mask_matches_isnet_proceed_crop(parity, parity_isnet):
     mask = reference_mask(parity_isnet, fx["isnet_input"])
     assert torch.equal(mask, fx["isnet_mask_dilate1"])
     # The soft map before binarising, with and without the dilation (the real check: values, not 0/1).
-    from pipelines.data.segmenter import _dilate, _isnet_crop_probability
+    from model.segmenter import _dilate, _isnet_crop_probability
 
     soft = _isnet_crop_probability(parity_isnet, fx["isnet_input"])
     assert (soft - fx["isnet_soft_dilate0"]).abs().max() < 1e-5  # measured: 0.0

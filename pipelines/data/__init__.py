@@ -6,9 +6,9 @@
 - ``shards.py``: the three preprocess stages as plain functions (prepare, encode, write);
 - ``ray_stream.py``: those stages as one Ray Data stream (``jobs/preprocess.py``);
 - ``tensor_cells.py``: tensors stored as Parquet binary cells;
-- ``neural_lines.py``, ``segmenter.py``, ``birefnet.py``: the learned line extractors and the learned
-  foreground masks (ISNet, and BiRefNet, the architecture of RMBG-2.0; the weight-free ones live in
-  :mod:`model.line_art` and :mod:`model.masks`);
+- ``neural_lines.py``: the learned line extractors (the weight-free ones live in :mod:`model.line_art`; the
+  foreground masks in :mod:`model.masks`, :mod:`model.segmenter` and :mod:`model.birefnet`, since inference
+  uses them too);
 - ``synthetic.py``: the synthetic illustration corpus of the demo and the tests;
 - ``batches.py``: dataset rows → single-bucket :class:`model.objective.TrainingBatch` es.
 """

@@ -230,7 +230,7 @@ class ShardEncoder:
                            for name in cfg.sketch_extractors if name in NEURAL_EXTRACTORS}
         self.segmenter = None
         if cfg.segmenter:
-            from pipelines.data.segmenter import load_segmenter
+            from model.segmenter import load_segmenter
 
             self.segmenter = load_segmenter(cfg.segmenter, cfg.segmenter_weights, self.device, self.dtype)
 

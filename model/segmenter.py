@@ -24,7 +24,7 @@ fitted into an ``input_size`` square (1024, the training size of ``isnetis``), n
 
 The reference-convention maskers (:func:`reference_mask`, :func:`sketch_mask`, :func:`load_masker`) follow
 the reference code step by step instead, inputs in [-1, 1] as the reference holds them: RMBG-2.0 /
-BiRefNet (:mod:`pipelines.data.birefnet`) through ``rmbg_proceed``, ISNet through ``ISNetDIS.proceed``.
+BiRefNet (:mod:`model.birefnet`) through ``rmbg_proceed``, ISNet through ``ISNetDIS.proceed``.
 (The reference's ``proceed(crop=True)``, its reference-mask path, does invert: ``1 - (x + 1) / 2`` on a
 canvas padded with -1; :func:`reference_mask` does the same for an ISNet masker.)
 """
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.weights import PathLike, check_and_load, read_state_dict, under_prefix
-from pipelines.data.birefnet import BiRefNet, BiRefNetConfig, PatchOrder
+from model.birefnet import BiRefNet, BiRefNetConfig, PatchOrder
 
 logger = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class MaskerSpec:
     arch: str  # "birefnet" (rmbg_proceed) or "isnet" (ISNetDIS.proceed)
     input_size: int
     description: str
-    patch_order: PatchOrder = "channel"  # BiRefNet only: see pipelines.data.birefnet
+    patch_order: PatchOrder = "channel"  # BiRefNet only: see model.birefnet
 
 
 MASKERS: dict[str, MaskerSpec] = {
@@ -386,7 +386,7 @@ MASKERS: dict[str, MaskerSpec] = {
 class Masker(nn.Module):
     """A mask net and how the reference feeds it; use :func:`reference_mask` and :func:`sketch_mask`.
 
-    ``net``: :class:`~pipelines.data.birefnet.BiRefNet` or :class:`ISNetDIS` (logits out);
+    ``net``: :class:`~model.birefnet.BiRefNet` or :class:`ISNetDIS` (logits out);
     ``input_size``: the square the reference resizes to (1024; 2048 for ``birefnet-hr``).
     """
 

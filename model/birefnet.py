@@ -3,7 +3,7 @@
 Why: the reference implementation of ColorizeDiffusionXL masks the reference image with RMBG-2.0 by default
 (``rmbg-v2``; ``BiRefNet`` and ``BiRefNet_HR`` are its alternatives), loaded through transformers'
 ``trust_remote_code``. We load the same published ``model.safetensors`` into our own module instead: no
-network, no remote code. :mod:`pipelines.data.segmenter` wraps it with the reference's pre/post-processing.
+network, no remote code. :mod:`model.segmenter` wraps it with the reference's pre/post-processing.
 
 Architecture (the published config: ``bb='swin_v1_l'``, ``mul_scl_ipt='cat'``, ``cxt_num=3``,
 ``squeeze_block='BasicDecBlk_x1'``, ``dec_blk='BasicDecBlk'``, ``dec_att='ASPPDeformable'``,
