@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from model import pretrained
 from model.config import ColorizerConfig
-from model.generate import StopCheck, generate_latents
+from model.generate import StepReport, StopCheck, generate_latents
 from model.background import (MaskModels, crop_condition, latent_mask, stretch,
                               whiten_foreground)
 from model.guidance import Guidance
@@ -247,7 +247,8 @@ class Colorizer(nn.Module):
 
     @torch.no_grad()
     def colorize(self, sketch, reference, options: ColorizeOptions | None = None, *, seed: int = 0,
-                 background_reference=None, should_stop: StopCheck | None = None) -> Image.Image:
+                 background_reference=None, should_stop: StopCheck | None = None,
+                 on_step: StepReport | None = None) -> Image.Image:
         """Color ``sketch`` (a drawing: dark lines on light, PIL or uint8 array) after ``reference``.
 
         ``options`` holds the settings (``None`` = the model's defaults); ``seed`` draws the noise;
@@ -256,12 +257,13 @@ class Colorizer(nn.Module):
         """
         backgrounds = None if background_reference is None else [background_reference]
         return self.colorize_batch([sketch], [reference], options, seeds=[seed], background_references=backgrounds,
-                                   should_stop=should_stop)[0]
+                                   should_stop=should_stop, on_step=on_step)[0]
 
     @torch.no_grad()
     def colorize_batch(self, sketches: list, references: list, options: ColorizeOptions | None = None, *,
                        seeds: list[int], background_references: list | None = None,
-                       should_stop: StopCheck | None = None) -> list[Image.Image]:
+                       should_stop: StopCheck | None = None, on_step: StepReport | None = None,
+                       contexts: torch.Tensor | None = None) -> list[Image.Image]:
         """Several pairs with the same ``options`` (so at one output size); each item's noise comes from its
         own seed, so an item's result does not depend on what it was batched with.
 
@@ -271,7 +273,10 @@ class Colorizer(nn.Module):
         entries) give the background its own picture.
 
         ``should_stop`` (a server's "is anybody still waiting?") is asked between denoising steps; when it
-        returns True the call raises :class:`model.generate.Cancelled` instead of finishing.
+        returns True the call raises :class:`model.generate.Cancelled` instead of finishing. ``on_step(done,
+        total)`` is told after each step. ``contexts`` (B, N, D): the references' contexts, already computed
+        with :meth:`encode_reference` (a batch job that colors many sketches after one reference encodes it
+        once); only without split attention, which encodes the background picture too.
         """
         if not (len(sketches) == len(references) == len(seeds)) or not sketches:
             raise ValueError(f"got {len(sketches)} sketches, {len(references)} references, {len(seeds)} seeds")
@@ -287,7 +292,7 @@ class Colorizer(nn.Module):
                                  f"{len(references)} references")
             backgrounds = [None if b is None else image_to_tensor(b) for b in background_references]
         return tensor_to_image(self._sample(sketch, reference_images, options, seeds, None, backgrounds=backgrounds,
-                                            should_stop=should_stop))
+                                            should_stop=should_stop, on_step=on_step, context=contexts))
 
     @torch.no_grad()
     def colorize_tensors(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions | None = None, *,
@@ -320,7 +325,8 @@ class Colorizer(nn.Module):
 
     def _sample(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions, seeds: list[int],
                 noise: torch.Tensor | None, *, backgrounds: list | None = None, sketch_mask=None, reference_masks=None,
-                should_stop: StopCheck | None = None) -> torch.Tensor:
+                should_stop: StopCheck | None = None, on_step: StepReport | None = None,
+                context: torch.Tensor | None = None) -> torch.Tensor:
         """Resolved ``options`` → decoded images (B, 3, H, W) in [-1, 1]: the one sampling path
         (``should_stop``: see :func:`model.generate.generate_latents`)."""
         points = len(self.sketch_encoder.points)
@@ -336,10 +342,17 @@ class Colorizer(nn.Module):
             references = [r.to(device, dtype) for r in references]
         split_kwargs = None
         if options.splits_attention:
+            if context is not None:
+                raise ValueError("precomputed contexts are for colorizing without split attention (the plug-in "
+                                 "and background_enhance encode the background picture too)")
             context, split_kwargs = self.background_conditions(sketch, references, options, backgrounds,
                                                                sketch_mask, reference_masks)
-        else:
+        elif context is None:
             context = self.encode_reference(references)
+        elif context.shape[0] != sketch.shape[0]:
+            raise ValueError(f"got {context.shape[0]} contexts for {sketch.shape[0]} sketches")
+        else:
+            context = context.to(device, dtype)
         vector = vector_condition(height, width, options.aesthetic_score, batch=sketch.shape[0], device=device)
         sketch_strengths = None if options.sketch_strengths is None else list(options.sketch_strengths)
         latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context,
@@ -347,7 +360,7 @@ class Colorizer(nn.Module):
                                    guidance=Guidance(options.reference_guidance, options.sketch_guidance),
                                    sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
                                    reference_strength=options.reference_strength, noise=noise, sampler=options.sampler,
-                                   should_stop=should_stop)
+                                   should_stop=should_stop, on_step=on_step)
         return decode_latents(self.vae, latents)
 
     @torch.no_grad()

@@ -14,6 +14,8 @@ from model.sampler import sample
 
 StopCheck = Callable[[], bool]
 """``should_stop() -> bool``: asked before the first denoising step and after each one; True stops the run."""
+StepReport = Callable[[int, int], None]
+"""``on_step(done, total)``: told after each denoising step (for progress bars and logs)."""
 
 
 class Cancelled(Exception):
@@ -31,7 +33,8 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
                      vector: torch.Tensor, seeds: list[int], steps: int, guidance: Guidance,
                      sketch_strengths: list[float] | None = None, cross_attention_kwargs: dict | None = None,
                      reference_strength: float = 1.0, noise: torch.Tensor | None = None,
-                     sampler: str = "dpmpp_3m_sde", should_stop: StopCheck | None = None) -> torch.Tensor:
+                     sampler: str = "dpmpp_3m_sde", should_stop: StopCheck | None = None,
+                     on_step: StepReport | None = None) -> torch.Tensor:
     """Clean latents (B, C, h, w) for ``context`` (B, N, D), inverted ``sketch`` (B, S, H, W) and
     ``vector`` (B, 2), sampled with ``sampler`` (a name of :data:`model.options.SAMPLERS`). The sketch
     encoder runs once, not per step, and only the guidance branches the setting needs are evaluated (as
@@ -44,7 +47,8 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
     the diffusers samplers a seed derived from it (:func:`model.sampler.step_noise_seed`).
 
     ``should_stop`` is asked before the first step and after every step (never inside one); when it returns
-    True the run ends with :class:`Cancelled`, so a caller that went away costs at most one more step."""
+    True the run ends with :class:`Cancelled`, so a caller that went away costs at most one more step.
+    ``on_step(done, total)`` is told after every step."""
     if should_stop is not None and should_stop():
         raise Cancelled(0)
     batch, _, height, width = sketch.shape
@@ -73,9 +77,11 @@ def generate_latents(unet, sketch_encoder, config: ColorizerConfig, *, context: 
     elif tuple(noise.shape) != (batch, *shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(batch, *shape)}")
     callback = None
-    if should_stop is not None:
+    if should_stop is not None or on_step is not None:
         def callback(index: int, latents: torch.Tensor) -> None:
-            if should_stop():
+            if on_step is not None:
+                on_step(index + 1, steps)
+            if should_stop is not None and should_stop():
                 raise Cancelled(index + 1)
     return sample(denoise, noise.to(device, torch.float32), config.diffusion, steps, seeds=seeds, sampler=sampler,
                   callback=callback)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,3 +152,20 @@ def test_a_partial_load_reads_only_the_named_parts(tiny_colorizer, tmp_path):
         encoders.save_pretrained(tmp_path / "copy")
     with pytest.raises(ValueError, match="can be left out"):
         Colorizer.from_config(tiny_colorizer.config, placeholders=("projector",))
+
+
+def test_precomputed_contexts_and_step_reports(tiny_colorizer, drawing_pair):
+    pair = drawing_pair
+    options = ColorizeOptions(size=(64, 64), steps=3)
+    steps = []
+    direct = tiny_colorizer.colorize_batch([pair.sketch], [pair.color], options, seeds=[4],
+                                           on_step=lambda done, total: steps.append((done, total)))
+    from model.images import image_to_tensor
+
+    context = tiny_colorizer.encode_reference([image_to_tensor(pair.color)])
+    cached = tiny_colorizer.colorize_batch([pair.sketch], [pair.color], options, seeds=[4], contexts=context)
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert np.array_equal(np.asarray(direct[0]), np.asarray(cached[0]))
+    with pytest.raises(ValueError, match="precomputed contexts"):
+        tiny_colorizer.colorize_batch([pair.sketch], [pair.color], replace(options, background_enhance=True),
+                                      seeds=[4], contexts=context)

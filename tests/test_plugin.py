@@ -293,3 +293,4 @@ def test_learned_mask_models_load_from_published_files_and_drive_the_split(tiny_
     assert learned.shape == weight_free.shape and np.abs(learned - weight_free).mean() > 0.1
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         MaskModels.from_files(("isnet", paths["isnet-sketch"].with_name("missing.safetensors")))
+
