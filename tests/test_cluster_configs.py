@@ -311,7 +311,7 @@ def crd_violations(doc: dict) -> list[str]:
 
 def test_kuberay_manifests_exist():
     kinds = sorted(doc["kind"] for _, doc in kuberay_documents())
-    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob", "RayService"]
+    assert kinds == ["PersistentVolumeClaim", "RayCluster", "RayJob", "RayJob", "RayJob", "RayService"]
 
 
 @pytest.mark.parametrize("name,doc", [d for d in kuberay_documents() if d[1]["kind"].startswith("Ray")],
@@ -417,6 +417,13 @@ def test_preprocess_job_uses_every_gpu_and_stores_stage_two_latents():
     assert parsed.encoder_actors == gpus_of(doc["spec"]["rayClusterSpec"])
     assert set(parsed.latent_views.split(",")) == {"target", "background"}, "stage 2 needs the background view"
     assert parsed.encoders.startswith(SHARED_MOUNT) and parsed.preset == "sdxl"
+
+
+def test_colorize_job_uses_every_gpu():
+    (name, doc), = [(n, d) for n, d in ray_resources("RayJob") if "colorize_batch.py" in d["spec"]["entrypoint"]]
+    (script, args), = rayjob_commands(doc)
+    parsed = parse_job(script, args)
+    assert parsed.workers == gpus_of(doc["spec"]["rayClusterSpec"]) and parsed.gpu, f"{name}: one actor per GPU"
 
 
 def test_train_job_stages_chain_and_keep_the_papers_batch():
