@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from jobs import flags  # noqa: E402
 from model.image_io import DecodeError, decode_image  # noqa: E402
-from model.line_art import CLASSIC_EXTRACTORS  # noqa: E402
+from model.line_art import CLASSIC_EXTRACTORS, extract_drawing  # noqa: E402
 from model.options import SAMPLERS, ColorizeOptions  # noqa: E402
 
 JOB = "colorize"
@@ -197,15 +197,6 @@ def read_image(path: str | Path, flag: str, *, max_aspect: float | None = None) 
         raise InputError(f"{flag} {path}: {err}") from None
 
 
-def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
-    """A colored or photographed drawing → its line drawing (dark lines on white, RGB), as the HTTP API
-    extracts it (``serve.api.extract_drawing``)."""
-    if extractor not in CLASSIC_EXTRACTORS:
-        raise InputError(f"--line-extractor must be one of {', '.join(CLASSIC_EXTRACTORS)}, got {extractor!r}")
-    lines = CLASSIC_EXTRACTORS[extractor](image)
-    return np.repeat(lines[..., None], 3, axis=2)
-
-
 @dataclass
 class Inputs:
     """The decoded pictures of one pair (RGB uint8) and how the sketch was prepared."""
@@ -221,7 +212,10 @@ def read_inputs(sketch: str | Path, reference: str | Path, background: str | Pat
     """Decode the pair (and the background picture); extract the sketch's lines when ``line_extractor`` is set."""
     drawing = read_image(sketch, "--sketch", max_aspect=MAX_SKETCH_ASPECT)
     if line_extractor is not None:
-        drawing = extract_drawing(drawing, line_extractor)
+        try:
+            drawing = extract_drawing(drawing, line_extractor)
+        except ValueError as err:
+            raise InputError(f"--line-extractor: {err}") from None
     return Inputs(sketch=drawing, reference=read_image(reference, "--reference"),
                   background=None if background is None else read_image(background, "--background"),
                   line_extractor=line_extractor)

@@ -77,6 +77,14 @@ CLASSIC_EXTRACTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 DEFAULT_EXTRACTORS = tuple(CLASSIC_EXTRACTORS)
 
 
+def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
+    """A colored or photographed drawing (H, W, 3) uint8 → its line drawing as the model takes a sketch
+    (dark lines on white, RGB): what the API's ``extract_lines``, the colorize command and the batch job do."""
+    if extractor not in CLASSIC_EXTRACTORS:
+        raise ValueError(f"line extractor must be one of {', '.join(CLASSIC_EXTRACTORS)}, got {extractor!r}")
+    return np.repeat(CLASSIC_EXTRACTORS[extractor](image)[..., None], 3, axis=2)
+
+
 def invert(drawing: np.ndarray) -> np.ndarray:
     """Drawing (dark lines on white) ↔ stored sketch (bright lines on black); its own inverse."""
     return 255 - drawing

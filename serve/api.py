@@ -71,7 +71,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.image_io import API_FORMATS, DecodeError, decode_image
-from model.line_art import CLASSIC_EXTRACTORS
+from model.line_art import CLASSIC_EXTRACTORS, extract_drawing
 from model.options import SAMPLERS, ColorizeOptions
 from model.sizes import fit_size, validate_size
 
@@ -471,12 +471,6 @@ def decode_images(images: dict[str, bytes | str], settings: Settings) -> dict[st
         budget -= array.nbytes
         decoded[name] = array
     return decoded
-
-
-def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
-    """A colored or photographed drawing → its line drawing (dark lines on white, RGB), as the model expects."""
-    lines = CLASSIC_EXTRACTORS[extractor](image)
-    return np.repeat(lines[..., None], 3, axis=2)
 
 
 def _prepare(images: dict[str, bytes | str], params: ColorizeParams, settings: Settings) -> dict[str, np.ndarray]:

@@ -24,7 +24,8 @@ from pipelines.inference.layout import (
     read_index,
 )
 from pipelines.inference.pairs import parse_settings, plan_units
-from pipelines.inference.stages import UnitColorizer, extract_drawing
+from model.line_art import extract_drawing
+from pipelines.inference.stages import UnitColorizer
 
 DEFAULTS = {"size": 64, "steps": 2}
 GOOD = {"f0", "f1", "f2", "f3", "colored", "bg"}

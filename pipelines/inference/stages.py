@@ -30,7 +30,7 @@ import fsspec
 import numpy as np
 
 from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
-from model.line_art import CLASSIC_EXTRACTORS
+from model.line_art import extract_drawing
 from pipelines.inference.layout import fs_root, image_path, marker_path, output_uri, write_bytes
 from pipelines.inference.pairs import Pair, line_extractor_of, pair_to_json, settings_options
 
@@ -68,12 +68,6 @@ def decode(url: str, max_pixels: int) -> tuple[str, np.ndarray]:
         return content_id(data), decode_image(data, max_pixels=max_pixels)
     except DecodeError as err:
         raise StageError("decode", url, str(err)) from None
-
-
-def extract_drawing(image: np.ndarray, extractor: str) -> np.ndarray:
-    """A colored or photographed drawing → its line drawing (dark lines on white, RGB), as the model expects
-    (what the HTTP API's ``extract_lines`` does)."""
-    return np.repeat(CLASSIC_EXTRACTORS[extractor](image)[..., None], 3, axis=2)
 
 
 def prepare_unit(unit: int, pairs: list[Pair], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
