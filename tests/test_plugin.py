@@ -15,10 +15,10 @@ from safetensors import safe_open
 
 from model.background import crop_condition, crop_fraction, dilate_and_binarise, whiten_foreground
 from model.colorizer import Colorizer
-from model.objective import TrainingBatch
 from model.options import ColorizeOptions
 from model.plugin import PluginConfig, attach_plugin, plugin_training_step, prepare_stage2
 from model.split_attention import decoder_self_attention_names, lora_parameters
+from test_training_parts import make_stage2_batch
 
 
 def wake(model, scale=0.1, seed=2):
@@ -99,24 +99,6 @@ def test_background_conventions_follow_the_published_code():
     reference = torch.rand(1, 3, 4, 4) * 2 - 1
     painted = whiten_foreground(reference, torch.tensor([0.0, 0.5, 1.0, 0.2]).view(1, 1, 1, 4))
     assert torch.equal(painted[..., [0, 3]], reference[..., [0, 3]]) and (painted[..., [1, 2]] == 1).all()
-
-
-def make_stage2_batch(model, batch=2, width=64, height=64, seed=0):
-    cfg, g = model.config, torch.Generator().manual_seed(seed)
-    images = torch.rand(2 * batch, 3, height, width, generator=g)
-    with torch.no_grad():
-        tagger_tokens, clip_tokens = model.tagger(images).tokens, model.clip(images)
-    latent = (batch, cfg.unet.latent_channels, height // cfg.latent_stride, width // cfg.latent_stride)
-    sketch_mask, reference_mask = torch.zeros(batch, 1, height, width), torch.zeros(batch, 1, height, width)
-    sketch_mask[..., : width // 2], reference_mask[..., : height // 2, :] = 1, 1
-    sketch = torch.rand(batch, 1, height, width, generator=g) * 2 - 1
-    return TrainingBatch(latents=torch.randn(latent, generator=g), sketch=sketch, clip_tokens=clip_tokens[:batch],
-                         tagger_tokens=tagger_tokens[:batch],
-                         vector_condition=torch.tensor([[float(width), 7.0]] * batch),
-                         background_latents=torch.randn(latent, generator=g),
-                         background_clip_tokens=clip_tokens[batch:], background_tagger_tokens=tagger_tokens[batch:],
-                         crop=torch.tensor([[0.0, 0.1, 0.8, 0.9]] * batch), sketch_mask=sketch_mask,
-                         reference_mask=reference_mask)
 
 
 def test_stage2_training_moves_only_the_reference_net_and_the_lora(tiny_colorizer):
