@@ -12,13 +12,23 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from test_training_parts import make_stage2_batch
 
-from model.background import crop_condition, crop_fraction, dilate_and_binarise, whiten_foreground
+from model.background import (
+    crop_condition,
+    crop_fraction,
+    dilate_and_binarise,
+    whiten_foreground,
+)
 from model.colorizer import Colorizer
 from model.options import ColorizeOptions
-from model.plugin import PluginConfig, attach_plugin, plugin_training_step, prepare_stage2
+from model.plugin import (
+    PluginConfig,
+    attach_plugin,
+    plugin_training_step,
+    prepare_stage2,
+)
 from model.split_attention import decoder_self_attention_names, lora_parameters
-from test_training_parts import make_stage2_batch
 
 
 def wake(model, scale=0.1, seed=2):
