@@ -471,8 +471,8 @@ def run_check(setting: Setting, args, parts: list[str]) -> tuple[list[Outcome], 
             left = deadline - time.monotonic()
             limit = min(setting.limits[part], left - KILL_GRACE)
             if limit < min(setting.minimums[part], setting.limits[part]):
-                outcome = Outcome(part, "skipped", error=f"the budget of {setting.budget:.0f} s is spent "
-                                                         f"({max(0.0, left):.0f} s left)")
+                outcome = Outcome(part, "skipped", error=f"{max(0.0, left):.0f} s of the {setting.budget:.0f} s budget "
+                                                         f"left, this part needs {setting.minimums[part]:.0f} s")
             else:
                 command = commands[part]()
                 outcome = command if isinstance(command, Outcome) else run_command(part, command, limit, args.verbose)
