@@ -1,6 +1,6 @@
 """The package graph points one way: ``model`` ← ``pipelines.data`` ← ``pipelines.training`` ←
-``pipelines.evaluation`` ← ``pipelines.experiments``; ``serve`` reads ``model`` only; ``jobs`` may use anything
-but never another job. Every import counts, including the ones inside functions."""
+``pipelines.evaluation`` ← ``pipelines.experiments``, and ``pipelines.data`` ← ``pipelines.inference`` (batch
+colorization); ``serve`` reads ``model`` only; ``jobs`` may use anything but never another job. Every import counts, including the ones inside functions."""
 
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ OURS = ("model", "pipelines", "serve", "jobs", "bench")
 ALLOWED = {
     "model": {"model"},
     "pipelines.data": {"model", "pipelines.data"},
+    "pipelines.inference": {"model", "pipelines.data", "pipelines.inference"},
     "pipelines.training": {"model", "pipelines.data", "pipelines.training"},
     "pipelines.evaluation": {"model", "pipelines.data", "pipelines.training", "pipelines.evaluation"},
     "pipelines.experiments": {"model", "pipelines.data", "pipelines.training", "pipelines.evaluation",
                               "pipelines.experiments"},
     "serve": {"model", "serve"},
-    "bench": {"model", "pipelines.data", "pipelines.training", "pipelines.evaluation", "serve", "bench"},
-    "jobs": {"model", "pipelines.data", "pipelines.training", "pipelines.evaluation", "pipelines.experiments",
-             "serve", "jobs.flags"},
+    "bench": {"model", "pipelines.data", "pipelines.inference", "pipelines.training", "pipelines.evaluation",
+              "serve", "bench"},
+    "jobs": {"model", "pipelines.data", "pipelines.inference", "pipelines.training", "pipelines.evaluation",
+             "pipelines.experiments", "serve", "jobs.flags"},
 }
 
 
@@ -91,7 +93,7 @@ def test_pipelines_holds_nothing_loose_but_its_init():
     loose = sorted(p.name for p in (ROOT / "pipelines").glob("*.py") if p.name != "__init__.py")
     assert not loose, f"put these in a stage subpackage of pipelines/: {loose}"
     stages = sorted(p.name for p in (ROOT / "pipelines").iterdir() if (p / "__init__.py").is_file())
-    assert stages == ["data", "evaluation", "experiments", "training"]
+    assert stages == ["data", "evaluation", "experiments", "inference", "training"]
 
 
 @pytest.mark.parametrize("package,source,expected", [
