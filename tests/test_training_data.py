@@ -95,3 +95,78 @@ def test_a_dataset_without_the_background_view_is_refused_for_stage_two():
     check_dataset_for("backbone", {"config": {"latent_views": ["target"]}}, "d")
     with pytest.raises(ValueError, match="d was preprocessed with --latent-views target;.*target,background"):
         check_dataset_for("plugin", {"config": {"latent_views": ["target"]}}, "d")
+
+
+# ------------------------------------------------------------------ the row stream and its position
+def write_shards(folder, sizes: list[int]) -> None:
+    """Shard files shaped like the dataset's data/ (only the position columns and a payload)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for shard, size in enumerate(sizes):
+        pq.write_table(pa.table({"shard": [shard] * size, "ordinal": list(range(size)),
+                                 "payload": [f"{shard}/{i}" for i in range(size)]}), folder / f"{shard}.parquet")
+
+
+def parquet_reader(folder):
+    """``read(shards)`` with pyarrow, in the given order, as Ray Data's reader with ``preserve_order``."""
+    import pyarrow.parquet as pq
+
+    def read(shards):
+        for shard in shards:
+            yield from pq.read_table(folder / f"{shard}.parquet").to_pylist()
+
+    return read
+
+
+def test_every_epoch_reads_the_files_in_a_new_order_drawn_from_the_seed():
+    from pipelines.training.data_stream import epoch_order
+
+    orders = [epoch_order(40, seed=0, epoch=e) for e in range(3)]
+    assert all(sorted(o) == list(range(40)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 3 and orders[0] != list(range(40))  # not the sorted order
+    assert epoch_order(40, seed=0, epoch=1) == orders[1] and epoch_order(40, seed=1, epoch=1) != orders[1]
+
+
+def test_a_resume_continues_the_epoch_with_rows_not_seen_yet_at_another_worker_count(tmp_path):
+    """Two workers take some rows each, the run stops (rows in the shuffle buffers are lost with it), the
+    positions are merged as the checkpoint does; three workers then finish the epoch: every row of the
+    epoch is seen exactly once over both runs, and the next epoch starts complete."""
+    from pipelines.training.data_stream import DataPosition, DataStream
+
+    sizes = [7, 0, 5, 9, 6, 8, 3, 7]  # uneven, with an empty shard
+    write_shards(tmp_path, sizes)
+    read, everything = parquet_reader(tmp_path), {(s, o) for s, n in enumerate(sizes) for o in range(n)}
+
+    def stream(rank, world, position=None):
+        return DataStream(read, shards=len(sizes), seed=3, rank=rank, world=world, position=position, shuffle_buffer=4)
+
+    first = [stream(rank, 2) for rank in range(2)]
+    rows = [iter(s.epoch_rows(0)) for s in first]
+    before = [(r["shard"], r["ordinal"]) for k in (10, 13) for r in [next(rows[k % 2]) for _ in range(k)]]
+    assert len(before) == len(set(before)) == 23
+    state = DataPosition.merge([s.position for s in first], len(sizes)).to_state()  # what the checkpoint holds
+
+    position = DataPosition.from_state(state)
+    assert position.epoch == 0 and position.progress(0).done  # some files were read to their end
+    second = [stream(rank, 3, DataPosition.from_state(state)) for rank in range(3)]
+    after = [(r["shard"], r["ordinal"]) for s in second for r in s.epoch_rows(0)]
+    assert len(after) == len(set(after)) and not set(after) & set(before)  # nothing replayed
+    assert set(before) | set(after) == everything  # nothing lost
+
+    merged = DataPosition.merge([s.position for s in second], len(sizes))
+    assert merged.epoch == 1 and merged.epochs == {}  # the epoch is finished; the next one is whole
+    assert sorted(r["payload"] for s in second for r in s.epoch_rows(1)) == sorted(
+        f"{s}/{o}" for s, o in everything)
+
+
+def test_a_reader_that_breaks_the_file_order_is_refused(tmp_path):
+    from pipelines.training.data_stream import DataStream
+
+    write_shards(tmp_path, [2, 2, 2])
+    read = parquet_reader(tmp_path)
+    stream = DataStream(lambda shards: read(list(reversed(shards))), shards=3, seed=0)
+    with pytest.raises(RuntimeError, match="out of the reading order"):
+        list(stream.epoch_rows(0))
+    with pytest.raises(ValueError, match="3 shard files cannot feed 4 workers"):
+        DataStream(read, shards=3, seed=0, rank=0, world=4)
