@@ -175,3 +175,33 @@ def test_stage2_trains_an_existing_plugin_at_its_own_rank(tiny_colorizer):
     attach_plugin(other, PluginConfig(lora_rank=2))
     with pytest.raises(ValueError, match="rank 2, not the requested 4: train it with --plugin-rank 2"):
         build_stage(other, "plugin", total_steps=1, gradient_checkpointing=False)
+
+
+def test_mlflow_metrics_leave_in_batches_every_n_steps_and_every_step_keeps_its_point(tmp_path):
+    """Rank 0's tracker buffers the per-step metrics and sends them every ``every`` steps without waiting;
+    a flush (checkpoints, the end) waits until the store holds them all."""
+    import mlflow
+
+    from pipelines.training.loop import TrainConfig
+    from pipelines.training.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig(stage="backbone", model="m", dataset="d", export=str(tmp_path / "export"), mlflow_tracking_uri=uri)
+    tracker = Tracker(cfg, None, active=True, every=10)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        for step in range(1, 10):
+            tracker.metrics({"loss": 1.0 / step}, step)
+        assert client.get_metric_history(tracker.run_id, "loss") == []  # nothing sent before step 10
+        assert len(tracker.buffered) == 9 and not tracker.sent
+        for step in range(10, 13):
+            tracker.metrics({"loss": 1.0 / step}, step)
+        assert len(tracker.sent) == 1 and len(tracker.buffered) == 2  # steps 1-10 left as one batch
+        tracker.flush()
+        history = client.get_metric_history(tracker.run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(1, 13))
+        assert {m.step: m.value for m in history}[4] == pytest.approx(0.25)
+    finally:
+        tracker.close()
+    with pytest.raises(ValueError, match="every must be positive"):
+        Tracker(cfg, None, active=False, every=0)

@@ -10,6 +10,7 @@ how an evaluation finds the run that trained it.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,11 +79,21 @@ def find_training_run(client, experiment: str, record: dict) -> str | None:
 
 
 class Tracker:
-    """MLflow from rank 0 only; one run per ``run_name`` and stage, found again after any restart."""
+    """MLflow from rank 0 only; one run per ``run_name`` and stage, found again after any restart.
 
-    def __init__(self, cfg: TrainConfig, run_id: str | None, active: bool, extra_params: dict | None = None):
-        self.active = active
+    Metrics are buffered and sent every ``every`` steps as one batch, asynchronously (MLflow's
+    ``synchronous=False``): every step keeps its point on the curves, but the training thread no longer
+    waits for the store at each step. :meth:`flush` (at checkpoints and at the end) sends what is
+    buffered and waits for everything sent, so a checkpoint never gets ahead of its metrics."""
+
+    def __init__(self, cfg: TrainConfig, run_id: str | None, active: bool, extra_params: dict | None = None,
+                 every: int = 10):
+        if every < 1:
+            raise ValueError(f"every must be positive, got {every}")
+        self.active, self.every = active, every
         self.run_id = run_id
+        self.buffered: list = []  # mlflow Metric entities not sent yet
+        self.sent: list = []  # RunOperations not waited for yet
         if not active:
             return
         import mlflow  # heavy; imported only on the rank that logs
@@ -90,6 +101,7 @@ class Tracker:
         self.mlflow = mlflow
         mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
         client = mlflow.MlflowClient()
+        self.client = client
         experiment = experiment_id(client, cfg.mlflow_experiment, cfg.export)
         if run_id is None:
             run_id = find_training_run(client, experiment, {"run_name": cfg.run_name, "stage": cfg.stage})
@@ -103,8 +115,28 @@ class Tracker:
         self.run_id = run.info.run_id
 
     def metrics(self, values: dict, step: int) -> None:
-        if self.active:
-            self.mlflow.log_metrics({k: float(v) for k, v in values.items()}, step=step)
+        """Buffer ``values`` at ``step``; send the buffer when ``step`` is on the cadence."""
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffered += [Metric(k, float(v), now, step) for k, v in values.items()]
+        if step % self.every == 0:
+            self.send()
+
+    def send(self) -> None:
+        """Send the buffered metrics in the background (MLflow takes at most 1000 per batch)."""
+        while self.active and self.buffered:
+            batch, self.buffered = self.buffered[:1000], self.buffered[1000:]
+            self.sent.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
+
+    def flush(self) -> None:
+        """Send the buffer and wait until the store holds everything sent."""
+        self.send()
+        for operations in self.sent:
+            operations.wait()
+        self.sent = []
 
     def image(self, image, name: str) -> None:
         if self.active:
@@ -112,4 +144,5 @@ class Tracker:
 
     def close(self) -> None:
         if self.active:
+            self.flush()
             self.mlflow.end_run()
