@@ -14,7 +14,10 @@ already has ``plugin/`` trains that plug-in further. Its dataset needs the stage
         --workers 2 --train-steps 20 --batch-size 2                              # tiny, local Ray, CPU
 
 Rerunning with the same --run-name and --storage resumes from the last checkpoint (step count, λ
-schedule, optimizer state and the MLflow run); a failed worker is restarted from it (--max-failures).
+schedule, optimizer state, data position and the MLflow run); a failed worker is restarted from it
+(--max-failures). Every epoch reads the shard files in an order drawn from --seed and the epoch, and a
+resume continues that epoch with the data it has not given yet. The rerun may use another --workers: the
+checkpoint is then converted to a DeepSpeed universal checkpoint and re-sharded.
 The work is pipelines/training/ (make_trainer, the loop, the stages, tracking).
 """
 
@@ -48,6 +51,8 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--sample-every", type=int, default=500, help="sample grid + Gram maps to MLflow (0 = at the end)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every this many steps")
+    p.add_argument("--metrics-every", type=int, default=10,
+                   help="send the per-step metrics to MLflow every this many steps, in one asynchronous batch")
     p.add_argument("--plugin-rank", type=int, default=DEFAULT_PLUGIN_RANK,
                    help="stage 2: rank of the background LoRA (default %(default)s, the published rank); a model that "
                         "already has a plug-in must be trained at its own rank")
@@ -64,7 +69,7 @@ def config_from(args) -> TrainConfig:
         stage=args.stage, model=args.model, dataset=args.data, export=args.out, steps=args.train_steps,
         batch_size=args.batch_size, lr=args.lr, gradient_checkpointing=not args.no_gradient_checkpointing,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
-        seed=args.seed, plugin_rank=args.plugin_rank, gram_weight=args.gram_weight,
+        metrics_every=args.metrics_every, seed=args.seed, plugin_rank=args.plugin_rank, gram_weight=args.gram_weight,
         mlflow_tracking_uri=tracking_uri(args.mlflow_uri), mlflow_experiment=args.experiment, run_name=args.run_name)
 
 

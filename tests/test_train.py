@@ -1,11 +1,12 @@
 """The training job on a local Ray: 2 CPU workers, DeepSpeed ZeRO-2 with gloo, tiny preset, MLflow in
-sqlite. A worker is killed midway (FailureConfig restarts from the checkpoint), then a rerun with the
-same run name continues the step count and the MLflow run.
+sqlite. A worker is killed midway (FailureConfig restarts from the checkpoint and the data position), then
+a rerun with the same run name and one worker continues the step count, the data and the MLflow run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,7 +61,11 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     output, killed = train(data, "--stage", "backbone", "--train-steps", "9", "--checkpoint-every", "3",
                            "--out", str(export), kill_worker_after_checkpoint=True)
     assert killed is not None
-    assert "[train] resumed from step" in output  # the restarted worker group continued from a checkpoint
+    # the restarted worker group continued from a checkpoint, and from where the data stood in the epoch
+    resumed = re.search(r"\[train\] resumed from step (\d+) of 9 \(2 workers then, 2 now\); data: epoch (\d+), "
+                        r"(\d+) of 2 files done, (\d+) rows of partly read files skipped", output)
+    assert resumed, output[-4000:]
+    assert int(resumed[1]) >= 3 and int(resumed[3]) + int(resumed[4]) > 0  # not back to the first file
 
     client, runs = mlflow_runs(data)
     assert len(runs) == 1
@@ -90,8 +95,9 @@ def test_backbone_stage_survives_a_killed_worker_and_resumes_on_rerun(data):
     assert image.size == (96, 96)
 
     output, _ = train(data, "--stage", "backbone", "--train-steps", "12", "--checkpoint-every", "3",
-                      "--out", str(export))
-    assert "[train] resumed from step 9 of 12" in output
+                      "--out", str(export), "--workers", "1")  # ZeRO-2 state of 2 workers, re-sharded for 1
+    assert "the checkpoint was saved by 2 workers, this run has 1: converting it" in output
+    assert "[train] resumed from step 9 of 12 (2 workers then, 1 now)" in output
     client, runs = mlflow_runs(data)
     assert len(runs) == 1 and runs[0].info.run_id == run.info.run_id
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 12

@@ -2,9 +2,12 @@
 
 ``train_loop_per_worker`` is what ``TorchTrainer`` runs on every worker: build the trainable modules from
 a model folder, wrap them in a DeepSpeed engine (ZeRO-2; bf16 on GPUs, fp32 with gloo on CPUs), stream
-single-bucket batches from the preprocessed dataset, step, and every ``checkpoint_every`` steps save
-DeepSpeed's sharded checkpoint through ``ray.train.report``. Rank 0 logs to MLflow under one run that
-survives restarts and, at the end, exports a consolidated model folder that ``Colorizer`` loads.
+single-bucket batches from the preprocessed dataset (:mod:`pipelines.training.data_stream`: files shuffled
+per epoch, the data position saved with every checkpoint), step, and every ``checkpoint_every`` steps save
+DeepSpeed's sharded checkpoint (trainable parameters only) through ``ray.train.report``. A checkpoint saved
+at another worker count is converted to a DeepSpeed universal checkpoint and re-sharded on load. Rank 0
+logs to MLflow under one run that survives restarts and, at the end, exports a consolidated model folder
+that ``Colorizer`` loads.
 
 The science lives in :mod:`model.objective` (stage 1) and :mod:`model.plugin` (stage 2); the stages
 that wrap them share one interface (:mod:`pipelines.training.stages`), so this loop is the same for both.
@@ -12,9 +15,14 @@ that wrap them share one interface (:mod:`pipelines.training.stages`), so this l
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import glob
+import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +40,8 @@ from model.objective import TrainingBatch
 from model.plugin import PluginConfig, attach_plugin
 from model.vae import decode_latents
 from model.visualize import figure_image, gram_figure, grid, sketch_image
-from pipelines.data.batches import BucketBatcher, epoch_batches, rows_of
+from pipelines.data.batches import BucketBatcher, columns_for, decode_sample
+from pipelines.training.data_stream import DataPosition, DataStream, ray_data_reader
 from pipelines.training.progress import Progress, write_line
 from pipelines.training.stages import DEFAULT_PLUGIN_RANK, STAGES, build_stage
 from pipelines.training.tracking import DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, TRAINING_RECORD, Tracker
@@ -49,7 +58,7 @@ class TrainConfig:
     export: str  # where the consolidated model folder goes at the end
     steps: int = 1000
     batch_size: int = 16  # per worker
-    steps_per_epoch: int = 1  # the same on every worker; make_trainer derives it from the dataset manifest
+    shards: int = 1  # shard files in the dataset; make_trainer reads it from the dataset manifest
     lr: float = 1e-5
     weight_decay: float = 0.01
     gradient_clipping: float = 1.0
@@ -57,6 +66,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     sample_every: int = 500  # sample grid + Gram heat maps to MLflow (0 = only at the end)
     log_every: int = 10  # rank 0 prints step i/N, loss, samples/s and the ETA every this many steps
+    metrics_every: int = 10  # rank 0 sends the buffered per-step metrics to MLflow every this many steps
     seed: int = 0
     aesthetic_score: float | None = None  # the vector condition's score; None = the model config's sampling one
     plugin_rank: int = DEFAULT_PLUGIN_RANK  # stage 2's background LoRA rank (the published 4)
@@ -69,11 +79,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if min(self.steps, self.batch_size, self.checkpoint_every, self.steps_per_epoch, self.log_every) < 1:
-            raise ValueError("steps, batch_size, checkpoint_every, steps_per_epoch and log_every must be positive")
+        if min(self.steps, self.batch_size, self.checkpoint_every, self.shards, self.log_every, self.metrics_every) < 1:
+            raise ValueError("steps, batch_size, checkpoint_every, shards, log_every and metrics_every must be positive")
 
 
-def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
+CHECKPOINT_TAG = "state"  # DeepSpeed's tag (subfolder) inside every Ray checkpoint
+
+
+def deepspeed_config(cfg: TrainConfig, on_gpu: bool, load_universal: bool = False) -> dict:
+    """``load_universal``: the checkpoint to resume from is a universal one (saved at another worker count
+    and converted by :func:`universal_checkpoint`)."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": 1,
@@ -83,6 +98,7 @@ def deepspeed_config(cfg: TrainConfig, on_gpu: bool) -> dict:
         "bf16": {"enabled": on_gpu},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -95,16 +111,64 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def batches_forever(shard, cfg: TrainConfig, seed: int, aesthetic_score: float):
-    """Epoch after epoch of single-bucket batches from this worker's dataset shard, the same number per
-    epoch on every worker (``cfg.steps_per_epoch``)."""
-    batcher, rng, epoch = BucketBatcher(cfg.batch_size), random.Random(seed), 0
-    while True:
-        rows = rows_of(shard.iter_batches(batch_size=64, batch_format="numpy", local_shuffle_buffer_size=256,
-                                          local_shuffle_seed=seed + epoch))
-        yield from epoch_batches(rows, batcher, cfg.steps_per_epoch, rng=rng, aesthetic_score=aesthetic_score,
-                                 stage=cfg.stage)
-        epoch += 1
+def batches_forever(rows, cfg: TrainConfig, seed: int, aesthetic_score: float):
+    """Single-bucket batches from this worker's endless row stream. The workers read their own files, so
+    their epochs need not end together: each takes the batches its rows give, and all take one per step."""
+    batcher, rng = BucketBatcher(cfg.batch_size), random.Random(seed)
+    for row in rows:
+        batcher.add(decode_sample(row, rng, aesthetic_score, cfg.stage))
+        while (batch := batcher.pop()) is not None:
+            yield batch
+
+
+def saved_world_size(folder: str) -> int:
+    """The data-parallel world size a DeepSpeed ZeRO checkpoint was saved at: one optimizer file per rank."""
+    files = glob.glob(os.path.join(folder, CHECKPOINT_TAG, "*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"no ZeRO optimizer states in {folder}/{CHECKPOINT_TAG}: not a checkpoint of this trainer")
+    return len(files)
+
+
+def universal_checkpoint(folder: str, into: Path) -> Path:
+    """DeepSpeed's universal form of the checkpoint in ``folder`` (one file per parameter and optimizer
+    state, independent of the worker count) in ``into``, which any world size loads with
+    ``load_universal``."""
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    shutil.rmtree(into, ignore_errors=True)  # a conversion killed halfway is redone
+    to_universal(argparse.Namespace(input_folder=os.path.join(folder, CHECKPOINT_TAG),
+                                    output_folder=str(into / CHECKPOINT_TAG), num_extract_workers=1,
+                                    num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                    inject_missing_state=True))
+    return into
+
+
+@contextlib.contextmanager
+def resume_folder(checkpoint, world: int, local_rank: int):
+    """The folder to load the checkpoint from, and whether it is universal: the checkpoint itself when it
+    was saved at this world size, else its universal conversion, made once per node by local rank 0."""
+    import torch.distributed as dist
+
+    if checkpoint is None:
+        yield None, False
+        return
+    with checkpoint.as_directory() as folder:
+        saved = saved_world_size(folder)
+        if saved == world:
+            yield folder, False
+            return
+        into = Path(tempfile.gettempdir()) / f"colorize-universal-{hashlib.sha1(str(checkpoint.path).encode()).hexdigest()[:16]}"
+        if local_rank == 0:
+            write_line(f"[train] the checkpoint was saved by {saved} workers, this run has {world}: converting it "
+                       f"to a universal checkpoint in {into}")
+            universal_checkpoint(folder, into)
+        dist.barrier()
+        try:
+            yield str(into), True
+        finally:
+            dist.barrier()
+            if local_rank == 0:
+                shutil.rmtree(into, ignore_errors=True)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -124,23 +188,31 @@ def train_loop_per_worker(config: dict) -> None:
     stage.to(device)
     optimizer = torch.optim.AdamW([p for p in stage.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, fused=on_gpu)
-    engine, _, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer, config=deepspeed_config(cfg, on_gpu))
     dtype = torch.bfloat16 if on_gpu else torch.float32
 
-    step, run_id = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            _, client_state = engine.load_checkpoint(folder, tag="state")
+    step, run_id, client_state = 0, None, {}
+    with resume_folder(ray.train.get_checkpoint(), world, context.get_local_rank()) as (folder, universal):
+        engine, _, _, _ = deepspeed.initialize(model=stage, optimizer=optimizer,
+                                               config=deepspeed_config(cfg, on_gpu, load_universal=universal))
+        if folder:
+            # frozen parameters are not in the checkpoint (they come from cfg.model), hence not strict
+            _, client_state = engine.load_checkpoint(folder, tag=CHECKPOINT_TAG, load_module_strict=False)
+    position = DataPosition.from_state(client_state.get("data_position"))
+    if client_state:
         step, run_id = int(client_state["step"]), client_state.get("mlflow_run_id")
         if rank == 0:
-            write_line(f"[train] resumed from step {step} of {cfg.steps}")
-    tracker = Tracker(cfg, run_id, active=rank == 0,
+            progress_ = position.progress(position.epoch)
+            write_line(f"[train] resumed from step {step} of {cfg.steps} ({client_state.get('world_size', '?')} workers "
+                       f"then, {world} now); data: epoch {position.epoch}, {len(progress_.done)} of {cfg.shards} "
+                       f"files done, {progress_.rows_seen()} rows of partly read files skipped")
+    tracker = Tracker(cfg, run_id, active=rank == 0, every=cfg.metrics_every,
                       extra_params={"preset": preset_name(colorizer.config)})
     progress = Progress(f"train {cfg.stage}", cfg.steps, every=cfg.log_every, first_step=step, active=rank == 0)
 
     score = colorizer.config.sampling.aesthetic_score if cfg.aesthetic_score is None else cfg.aesthetic_score
-    batches = batches_forever(ray.train.get_dataset_shard("train"), cfg, cfg.seed * 1000 + rank, score)
+    stream = DataStream(ray_data_reader(cfg.dataset, columns_for(cfg.stage)), shards=cfg.shards, seed=cfg.seed,
+                        rank=rank, world=world, position=position)
+    batches = batches_forever(stream, cfg, cfg.seed * 1000 + rank, score)
     preview = None
     while step < cfg.steps:
         started = time.perf_counter()
@@ -163,24 +235,36 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
             log_pictures(tracker, colorizer, preview, step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            report_checkpoint(engine, step, tracker.run_id, metrics | {"step": step})
+            tracker.flush()
+            report_checkpoint(engine, step, tracker.run_id, stream, world, metrics | {"step": step})
 
     trained = full_precision_parameters(stage)  # a collective: every rank takes part
     if rank == 0:
         log_pictures(tracker, colorizer, preview, step)
         export_model(cfg, trained)
         tracker.metrics({"exported": 1.0}, step)
+        tracker.flush()
         tracker.close()
     ray.train.report({"step": step, "exported": cfg.export})
 
 
-def report_checkpoint(engine, step: int, run_id: str | None, metrics: dict) -> None:
-    """Every rank saves its ZeRO shard into its own folder; Ray merges the folders into one checkpoint."""
-    import ray.train
+def report_checkpoint(engine, step: int, run_id: str | None, stream: DataStream, world: int, metrics: dict) -> None:
+    """Every rank saves its ZeRO shard into its own folder; Ray merges the folders into one checkpoint.
 
+    The client state (saved by rank 0) holds the step, the MLflow run, the world size and the data
+    position of all workers together. Frozen parameters are left out: they come from the model folder the
+    run starts from (in stage 2, nearly the whole U-Net)."""
+    import ray.train
+    import torch.distributed as dist
+
+    positions = [None] * world
+    dist.all_gather_object(positions, stream.position)
+    position = DataPosition.merge(positions, stream.shards)
+    stream.position.forget_before(position.epoch)
+    client_state = {"step": step, "mlflow_run_id": run_id, "world_size": world, "data_position": position.to_state()}
     with tempfile.TemporaryDirectory() as folder:
-        engine.save_checkpoint(folder, tag="state", client_state={"step": step, "mlflow_run_id": run_id})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state=client_state, exclude_frozen_parameters=True)
+        ray.train.report(metrics | {"data_epoch": position.epoch}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 @torch.no_grad()

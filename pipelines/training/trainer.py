@@ -15,8 +15,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from pipelines.data.batches import check_dataset_for, columns_for, steps_per_epoch
-from pipelines.data.layout import DATA, finished_manifest
+from pipelines.data.batches import check_dataset_for, steps_per_epoch
+from pipelines.data.layout import finished_manifest
 from pipelines.training.loop import TrainConfig, local_rank_environment, train_loop_per_worker
 from pipelines.training.tracking import tracking_uri
 
@@ -39,24 +39,29 @@ class WorkerResources:
             raise ValueError(f"workers must be ≥ 1 and cpus_per_worker > 0, got {self.workers}, {self.cpus_per_worker}")
 
 
-def with_dataset_steps(cfg: TrainConfig, workers: int) -> TrainConfig:
-    """``cfg`` with ``steps_per_epoch`` derived from the dataset manifest: the same on every worker, so
-    every worker's epoch ends together (ZeRO-2 steps are collectives)."""
+def with_dataset_shards(cfg: TrainConfig, workers: int) -> TrainConfig:
+    """``cfg`` with the dataset's shard-file count from its manifest (the workers deal the files among
+    themselves), after refusing a dataset too small for this many workers and this batch size."""
     manifest = finished_manifest(cfg.dataset)
     check_dataset_for(cfg.stage, manifest, cfg.dataset)
-    per_epoch = steps_per_epoch(manifest["rows"] // workers, len(manifest["buckets"]), cfg.batch_size)
-    return dataclasses.replace(cfg, steps_per_epoch=per_epoch)
+    if manifest["shards"] < workers:
+        raise ValueError(f"{cfg.dataset} has {manifest['shards']} shard files for {workers} workers: every worker "
+                         "reads whole files; preprocess with a smaller --shard-size or train with fewer workers")
+    steps_per_epoch(manifest["rows"] // workers, len(manifest["buckets"]), cfg.batch_size)  # raises if too few rows
+    return dataclasses.replace(cfg, shards=manifest["shards"])
 
 
 def make_trainer(cfg: TrainConfig, resources: WorkerResources, storage: str, max_failures: int = 3) -> TorchTrainer:
     """A trainer for one stage; rerunning with the same ``run_name`` and ``storage`` resumes from its last
-    checkpoint (step, λ schedule, optimizer state and the MLflow run)."""
+    checkpoint (step, λ schedule, optimizer state, data position and the MLflow run), at any worker count.
+
+    The workers read the dataset themselves (:mod:`pipelines.training.data_stream`), so no Ray Dataset
+    is handed to the trainer: its file order and position have to survive restarts."""
     cfg = dataclasses.replace(cfg, model=absolute(cfg.model), dataset=absolute(cfg.dataset),
                               export=absolute(cfg.export), mlflow_tracking_uri=tracking_uri(cfg.mlflow_tracking_uri),
                               extra_params={"workers": resources.workers, "gpu": resources.gpu,
                                             "global_batch": cfg.batch_size * resources.workers} | cfg.extra_params)
-    cfg = with_dataset_steps(cfg, resources.workers)
-    dataset = ray.data.read_parquet(f"{cfg.dataset.rstrip('/')}/{DATA}", columns=columns_for(cfg.stage))
+    cfg = with_dataset_shards(cfg, resources.workers)
     per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.gpu else {})
     return TorchTrainer(
         train_loop_per_worker,
@@ -69,5 +74,4 @@ def make_trainer(cfg: TrainConfig, resources: WorkerResources, storage: str, max
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env={"env_vars": local_rank_environment()},
         ),
-        datasets={"train": dataset},
     )
