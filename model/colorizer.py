@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model import pretrained
+from model.acceleration import Acceleration, accelerate
 from model.config import ColorizerConfig
 from model.generate import StepReport, StopCheck, generate_latents
 from model.background import (MaskModels, crop_condition, latent_mask, stretch,
@@ -106,6 +107,12 @@ class Colorizer(nn.Module):
         self.plugin = None  # stage 2: a model.plugin.Plugin, attached by model.plugin.attach_plugin
         self.masks = MaskModels()  # the background modes' mask models (weight-free until learned ones are set)
         install_split_attention(self.unet.unet)  # stock until a call asks for a split
+        self.acceleration = Acceleration()  # the plain eager model until accelerate() says otherwise
+
+    def accelerate(self, acceleration: Acceleration) -> dict:
+        """Apply the inference switches of :mod:`model.acceleration` (compile, channels_last, the SDPA
+        kernel) in place; returns what was done."""
+        return accelerate(self, acceleration)
 
     # ----------------------------------------------------------------------------------------- building
     @classmethod
@@ -335,33 +342,34 @@ class Colorizer(nn.Module):
                              f"got {len(options.sketch_strengths)}")
         if backgrounds is not None and not options.splits_attention:
             raise ValueError("a background reference needs the plug-in or background_enhance; both are off")
-        height, width = sketch.shape[-2:]
-        device, dtype = self.device, self.dtype
-        sketch = sketch.to(device, dtype)
-        if not isinstance(references, torch.Tensor):
-            references = [r.to(device, dtype) for r in references]
-        split_kwargs = None
-        if options.splits_attention:
-            if context is not None:
-                raise ValueError("precomputed contexts are for colorizing without split attention (the plug-in "
-                                 "and background_enhance encode the background picture too)")
-            context, split_kwargs = self.background_conditions(sketch, references, options, backgrounds,
-                                                               sketch_mask, reference_masks)
-        elif context is None:
-            context = self.encode_reference(references)
-        elif context.shape[0] != sketch.shape[0]:
-            raise ValueError(f"got {context.shape[0]} contexts for {sketch.shape[0]} sketches")
-        else:
-            context = context.to(device, dtype)
-        vector = vector_condition(height, width, options.aesthetic_score, batch=sketch.shape[0], device=device)
-        sketch_strengths = None if options.sketch_strengths is None else list(options.sketch_strengths)
-        latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context,
-                                   sketch=sketch, vector=vector, seeds=seeds, steps=options.steps,
-                                   guidance=Guidance(options.reference_guidance, options.sketch_guidance),
-                                   sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
-                                   reference_strength=options.reference_strength, noise=noise, sampler=options.sampler,
-                                   should_stop=should_stop, on_step=on_step)
-        return decode_latents(self.vae, latents)
+        with self.acceleration.attention_context():  # the chosen SDPA kernel, for every part
+            height, width = sketch.shape[-2:]
+            device, dtype = self.device, self.dtype
+            sketch = sketch.to(device, dtype)
+            if not isinstance(references, torch.Tensor):
+                references = [r.to(device, dtype) for r in references]
+            split_kwargs = None
+            if options.splits_attention:
+                if context is not None:
+                    raise ValueError("precomputed contexts are for colorizing without split attention (the plug-in "
+                                     "and background_enhance encode the background picture too)")
+                context, split_kwargs = self.background_conditions(sketch, references, options, backgrounds,
+                                                                   sketch_mask, reference_masks)
+            elif context is None:
+                context = self.encode_reference(references)
+            elif context.shape[0] != sketch.shape[0]:
+                raise ValueError(f"got {context.shape[0]} contexts for {sketch.shape[0]} sketches")
+            else:
+                context = context.to(device, dtype)
+            vector = vector_condition(height, width, options.aesthetic_score, batch=sketch.shape[0], device=device)
+            sketch_strengths = None if options.sketch_strengths is None else list(options.sketch_strengths)
+            latents = generate_latents(self.unet, self.sketch_encoder, self.config, context=context,
+                                       sketch=sketch, vector=vector, seeds=seeds, steps=options.steps,
+                                       guidance=Guidance(options.reference_guidance, options.sketch_guidance),
+                                       sketch_strengths=sketch_strengths, cross_attention_kwargs=split_kwargs,
+                                       reference_strength=options.reference_strength, noise=noise, sampler=options.sampler,
+                                       should_stop=should_stop, on_step=on_step)
+            return decode_latents(self.vae, latents)
 
     @torch.no_grad()
     def background_conditions(self, sketch: torch.Tensor, references: Images, options: ColorizeOptions,
