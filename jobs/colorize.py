@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=DTYPES, default="float32", help="precision of the model")
     run.add_argument("--progress", choices=PROGRESS_MODES, default="auto",
                      help="per-step progress on stderr: auto (a bar on a terminal, else lines), bar, lines, none")
+    flags.add_acceleration(p)
     return p
 
 
@@ -433,6 +434,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_masker_weights(args.reference_masker_weights, args.sketch_masker_weights)
     device = pick_device(args.device)
     torch_dtype(args.dtype)
+    try:
+        acceleration = flags.acceleration_from(args, device)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     inputs = read_inputs(args.sketch, args.reference, args.background,
                          args.line_extractor if args.extract_lines else None)
     sketch_size = (inputs.sketch.shape[1], inputs.sketch.shape[0])
@@ -446,6 +451,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               file=sys.stderr)
     model = load_model(args.model, device, args.dtype, reference_masker if masks_used else None,
                        args.sketch_masker_weights if masks_used else None)
+    accelerated = model.accelerate(acceleration)
     loaded = time.perf_counter()
     on_step, close = step_reporter(args.progress)
     try:
@@ -467,7 +473,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"--out {out}: cannot write it ({err.strerror or err})") from None
     return {**used, "out": str(out), "model": str(args.model), "sketch": str(args.sketch),
             "reference": str(args.reference), "background": None if args.background is None else str(args.background),
-            "device": device, "dtype": args.dtype, "seconds": round(done - loaded, 3),
+            "device": device, "dtype": args.dtype, "acceleration": accelerated, "seconds": round(done - loaded, 3),
             "load_seconds": round(loaded - started, 3), "total_seconds": round(time.perf_counter() - started, 3)}
 
 

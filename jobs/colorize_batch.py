@@ -80,6 +80,7 @@ def build_parser():
     r.add_argument("--max-units", type=int, default=None, help="stop after this many units (a partial run)")
     r.add_argument("--in-process", action="store_true", help="run the stages in this process, without Ray")
     flags.add_ray(p)
+    flags.add_acceleration(p)
     return p
 
 
@@ -100,8 +101,12 @@ def config_from(args) -> BatchConfig:
 
 
 def options_from(args) -> RunOptions:
+    acceleration = {"compile": args.compile, "channels_last": args.channels_last, "attention": args.attention,
+                    "compile_mode": args.compile_mode, "compile_cache": args.compile_cache}
+    flags.acceleration_from(args, "cpu")  # refuse unknown values here, not in every actor
     return RunOptions(batch_size=args.batch_size, actors=args.workers, gpus_per_actor=1.0 if args.gpu else 0.0,
-                      cpus_per_actor=args.cpus_per_worker, dtype=args.dtype, context_cache=args.context_cache)
+                      cpus_per_actor=args.cpus_per_worker, dtype=args.dtype, context_cache=args.context_cache,
+                      acceleration=acceleration)
 
 
 def main(argv=None) -> int:

@@ -99,6 +99,30 @@ def add_evaluation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-weights", default=None, help="OpenCLIP checkpoint for the CLIP score")
 
 
+def add_acceleration(p: argparse.ArgumentParser) -> None:
+    """The inference switches of :mod:`model.acceleration` (all off on the CPU unless asked for)."""
+    from model.acceleration import ATTENTION_BACKENDS, CHANNELS_LAST_PARTS, COMPILE_SCOPES
+
+    g = p.add_argument_group("acceleration (model/acceleration.py)")
+    g.add_argument("--compile", choices=COMPILE_SCOPES, default="off",
+                   help="torch.compile the denoiser: blocks (regional, short compile) or unet (whole)")
+    g.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
+    g.add_argument("--compile-cache", default=None, help="folder for the compile caches, kept across runs")
+    g.add_argument("--channels-last", default=None, metavar="PARTS",
+                   help=f"comma-separated among {','.join(CHANNELS_LAST_PARTS)}, or none "
+                        "(default: unet on CUDA, none on the CPU)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto", help="the SDPA kernel")
+
+
+def acceleration_from(args: argparse.Namespace, device: str):
+    """:class:`model.acceleration.Acceleration` from :func:`add_acceleration`'s flags, for ``device``."""
+    from model.acceleration import Acceleration
+
+    return Acceleration.from_flags(compile=args.compile, channels_last=args.channels_last,
+                                   attention=args.attention, compile_mode=args.compile_mode,
+                                   compile_cache=args.compile_cache, device=device)
+
+
 @contextlib.contextmanager
 def job_errors(job: str, *errors: type[BaseException]):
     """Turn the expected failures of a job (bad input, missing files) into ``<job>: <reason>`` and exit

@@ -90,7 +90,8 @@ def test_same_pixels_as_the_library_with_progress_and_parameters(model_folder, f
     out = tmp_path / "sub" / "out.png"
     rc = call([*base_args(model_folder, files, out), "--size", "128x64", "--steps", "3", "--seed", "7",
                "--reference-guidance", "3.5", "--sketch-guidance", "1.5", "--reference-strength", "0.8",
-               "--sketch-strengths", "1,0.5,1,1", "--sampler", "euler", "--progress", "lines"])
+               "--sketch-strengths", "1,0.5,1,1", "--sampler", "euler", "--progress", "lines",
+               "--channels-last", "unet", "--attention", "math"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     for step in (1, 2, 3):
@@ -100,6 +101,7 @@ def test_same_pixels_as_the_library_with_progress_and_parameters(model_folder, f
     assert report["sampler"] == "euler" and report["sketch_strengths"] == [1.0, 0.5, 1.0, 1.0]
     assert report["plugin"] is False and report["out"] == str(out)
     assert report["seconds"] > 0 and report["device"] == "cpu" and report["dtype"] == "float32"
+    assert report["acceleration"] == {"compile": "off", "attention": "math", "channels_last": ["unet"]}
 
     with Image.open(out) as image:
         assert image.size == (128, 64) and image.format == "PNG"
@@ -110,6 +112,7 @@ def test_same_pixels_as_the_library_with_progress_and_parameters(model_folder, f
         "seed": 7, "steps": 3, "width": 128, "height": 64, "reference_guidance": 3.5}
 
     model, = loaded  # the library's own call on the model the command loaded (from model_folder, float32, cpu)
+    assert model.acceleration.channels_last == ("unet",) and model.acceleration.attention == "math"
     options = ColorizeOptions(size=(128, 64), steps=3, reference_guidance=3.5, sketch_guidance=1.5,
                               reference_strength=0.8, sketch_strengths=(1, 0.5, 1, 1), sampler="euler")
     sketch = np.asarray(Image.open(files["sketch"]).convert("RGB"))
@@ -168,6 +171,7 @@ def corrupt(files):
      "--sketch-masker-weights /nowhere/s.safetensors: no such file"),
     ("device", ["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     ("seed", ["--seed", "-1"], "--seed -1 is outside"),
+    ("channels_last part", ["--channels-last", "unet,text_encoder"], "channels_last parts must be among"),
 ])
 def test_bad_input_exits_2_with_one_line(model_folder, files, tmp_path, capsys, case, extra, expected):
     if extra == "corrupt":

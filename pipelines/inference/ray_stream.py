@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pipelines.inference.layout import BatchConfig, check_config, finalize, finished_units, load_or_create_plan
 from pipelines.inference.pairs import pair_from_json, pair_to_json
@@ -38,6 +38,9 @@ class RunOptions:
     dtype: str = "auto"  # auto: bf16 on a GPU, fp32 on CPU
     context_cache: int = 64  # reference contexts each actor keeps
     max_pixels: int | None = None  # decode cap per input image (None: model.image_io's default)
+    # model.acceleration.Acceleration.from_flags arguments but the device (each actor knows its own); none
+    # given: the device's default
+    acceleration: dict = field(default_factory=dict)
 
 
 def actor_memory_bytes(model: str) -> int:
@@ -67,7 +70,7 @@ class _ColorizeActor:
     def __init__(self, model: str, options: RunOptions):
         self.colorizer = UnitColorizer.load(model, device="cuda" if options.gpus_per_actor > 0 else "cpu",
                                             dtype=options.dtype, batch_size=options.batch_size,
-                                            context_cache=options.context_cache)
+                                            context_cache=options.context_cache, acceleration=options.acceleration)
 
     def __call__(self, batch: dict) -> dict:
         out = {"unit": [], "payload": []}
@@ -103,7 +106,8 @@ def run_colorize_batch(cfg: BatchConfig, output: str, options: RunOptions = RunO
               "not part of it; colorize them into a new --out", flush=True)
     if pending and (in_process or colorizer is not None):
         colorizer = colorizer or UnitColorizer.load(cfg.model, dtype=options.dtype, batch_size=options.batch_size,
-                                                    context_cache=options.context_cache)
+                                                    context_cache=options.context_cache,
+                                                    acceleration=options.acceleration)
         kwargs = {} if options.max_pixels is None else {"max_pixels": options.max_pixels}
         for k in pending:
             _report(process_unit(output, k, plan.units[k], colorizer, **kwargs))

@@ -135,11 +135,16 @@ class UnitColorizer:
         self.stats = Counter()  # calls, pairs, contexts_encoded, contexts_reused
 
     @classmethod
-    def load(cls, folder: str, device: str | None = None, dtype: str | None = None, **kwargs) -> UnitColorizer:
+    def load(cls, folder: str, device: str | None = None, dtype: str | None = None, acceleration: dict | None = None,
+             **kwargs) -> UnitColorizer:
+        """``acceleration``: :meth:`model.acceleration.Acceleration.from_flags` arguments but the device."""
+        from model.acceleration import Acceleration
         from model.colorizer import Colorizer
 
         chosen, torch_dtype = resolve_device(device, dtype)
-        return cls(Colorizer.from_pretrained(folder, device=chosen, dtype=torch_dtype), **kwargs)
+        model = Colorizer.from_pretrained(folder, device=chosen, dtype=torch_dtype)
+        model.accelerate(Acceleration.from_flags(**(acceleration or {}), device=chosen))
+        return cls(model, **kwargs)
 
     def colorize(self, prepared: dict) -> dict:
         """A prepared unit → the same items with ``pixels`` (H, W, 3 uint8), ``parameters``, ``seconds`` and
