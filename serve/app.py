@@ -31,7 +31,10 @@ unset = no auth), ``allow_unauthenticated``, ``host``, ``ingress_replicas``, ``i
 ``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``, and the background modes'
 mask models: ``reference_masker`` (``rmbg-2.0``, ``birefnet``, ``birefnet-hr`` or ``isnet``) with
 ``reference_masker_weights``, and ``sketch_masker_weights`` (ISNet-sketch); local files in their published
-layouts, the weight-free masks when unset.
+layouts, the weight-free masks when unset; and :mod:`model.acceleration`'s switches ``compile``
+(``off``/``blocks``/``unet``), ``compile_mode``, ``compile_cache`` (a folder on the node: a restarted replica
+reuses its kernels), ``channels_last`` and ``attention``. A replica that compiles does so in a warm-up
+generation before it reports healthy.
 
 Safe by default: ``build_app`` refuses to deploy when Serve's HTTP proxies listen on an address other than
 loopback (read from the running Serve controller, else what Serve would start with, or the ``host`` arg)
@@ -115,6 +118,22 @@ class AppOptions(BaseModel):
     reference_masker: Literal["rmbg-2.0", "birefnet", "birefnet-hr", "isnet"] = "rmbg-2.0"  # what the weights are
     reference_masker_weights: str | None = None  # None = the weight-free reference mask
     sketch_masker_weights: str | None = None  # ISNet-sketch (sketch-segment.safetensors); None = weight-free
+    # model/acceleration.py's switches; a compiled replica warms up (compiles) before it takes requests
+    compile: Literal["off", "blocks", "unet"] = "off"
+    compile_mode: str | None = None
+    compile_cache: str | None = None  # a folder on the replica's node, kept across restarts
+    channels_last: str | None = None  # comma-separated parts, "none"; None = the device's default
+    attention: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+
+    def acceleration(self) -> dict:
+        """The switches as :meth:`model.acceleration.Acceleration.from_flags` arguments (but the device),
+        checked here so that a bad value fails the deploy, not every replica."""
+        from model.acceleration import Acceleration
+
+        flags = {"compile": self.compile, "compile_mode": self.compile_mode, "compile_cache": self.compile_cache,
+                 "channels_last": self.channels_last, "attention": self.attention}
+        Acceleration.from_flags(**flags)
+        return flags
 
     def mask_models(self) -> dict:
         """The background modes' mask models, as :meth:`model.background.MaskModels.from_files` arguments."""
@@ -213,8 +232,11 @@ def check_exposure(options: AppOptions) -> None:
 class ColorizerModel:
     def __init__(self, folder: str, device: str = "auto", dtype: str = "float32",
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S, masks: dict | None = None):
+                 batch_wait_timeout_s: float = DEFAULT_BATCH_WAIT_TIMEOUT_S, masks: dict | None = None,
+                 acceleration: dict | None = None):
         import torch
+
+        from model.acceleration import Acceleration
 
         from model.background import MaskModels
         from model.colorizer import Colorizer
@@ -226,6 +248,10 @@ class ColorizerModel:
         self.model = executor.submit(Colorizer.from_pretrained, folder, device=device, dtype=getattr(torch, dtype)).result()
         if masks and any(masks.values()):
             self.model.masks = executor.submit(MaskModels.from_files, **masks, device=device).result()
+        switches = Acceleration.from_flags(**(acceleration or {}), device=device)
+        self.acceleration = executor.submit(self.model.accelerate, switches).result()
+        if switches.compile != "off":  # compile now, at the default size, rather than in a user's request
+            self.acceleration["warm_up_s"] = executor.submit(warm_up, self.model, switches).result()
         self.runner = ModelRunner(self.model)
         self.batcher = Batcher(self.runner.run, max_batch_size, batch_wait_timeout_s, executor)
 
@@ -239,13 +265,34 @@ class ColorizerModel:
 
     def stats(self) -> dict:
         """Counters of :class:`serve.runtime.ModelRunner` (batches, calls, steps, cancelled runs, ...)."""
-        return {**self.runner.stats, "queued": self.batcher.queued, "device": self.device}
+        return {**self.runner.stats, "queued": self.batcher.queued, "device": self.device,
+                "acceleration": self.acceleration}
 
     async def colorize(self, request: ColorizeRequest) -> dict:
         """``{"image": array}`` or ``{"error": message, "status": 422 | 500}``; never raises for a bad
         request, so one request's failure never reaches its batch-mates. Cancelling the call (the ingress
         does when its client goes away) stops the generation between steps if nobody else needs it."""
         return await self.batcher.submit(request)
+
+
+def warm_up(model, acceleration) -> float:
+    """One short generation at the model's default size, so that a compiled denoiser compiles (or loads
+    its kernels from the cache) before the replica takes requests; then the cache is saved. Returns the
+    seconds it took."""
+    import time
+
+    import numpy as np
+
+    from model.acceleration import save_compile_cache
+    from model.options import ColorizeOptions
+
+    started = time.perf_counter()
+    width, height = model.output_size((1024, 1024), None)
+    blank = np.full((height, width), 255, np.uint8)
+    model.colorize(blank, np.full((height, width, 3), 128, np.uint8), ColorizeOptions(size=(width, height), steps=2))
+    if acceleration.compile_cache:
+        save_compile_cache(acceleration.compile_cache)
+    return round(time.perf_counter() - started, 1)
 
 
 # ---------------------------------------------------------------------------------------------- ingress
@@ -330,7 +377,8 @@ def build_app(args: dict[str, Any] | None = None):
                             "target_ongoing_requests": options.target_ongoing_requests},
         max_ongoing_requests=options.max_ongoing_requests,
         max_queued_requests=options.max_queued_requests,
-    ).bind(folder, options.device, options.dtype, options.max_batch_size, options.batch_wait_timeout_s, masks)
+    ).bind(folder, options.device, options.dtype, options.max_batch_size, options.batch_wait_timeout_s, masks,
+           options.acceleration())
     settings = api_settings(options)
     return ColorizeIngress.options(
         num_replicas=options.ingress_replicas, ray_actor_options={"num_cpus": options.ingress_num_cpus},

@@ -516,6 +516,11 @@ def test_rayservice_args_pass_the_apps_validation(serve_configs):
         AppOptions.from_args({**app["args"], "dtype": "fp8"})
     with pytest.raises(ValueError):
         AppOptions.from_args({**app["args"], "reference_masker": "u2net"})
+    with pytest.raises(ValueError):
+        AppOptions.from_args({**app["args"], "compile": "all"})
+    assert options.acceleration()["compile"] == "off"
+    with pytest.raises(ValueError, match="channels_last parts must be among"):
+        AppOptions.from_args({**app["args"], "channels_last": "unet,clip"}).acceleration()
     assert options.mask_models() == {"reference": None, "sketch": None}  # weight-free unless files are named
     missing = AppOptions.from_args({**app["args"], "sketch_masker_weights": "/nowhere/sketch-segment.safetensors"})
     with pytest.raises(ValueError, match="/nowhere/sketch-segment.safetensors do not exist"):
