@@ -23,7 +23,9 @@ that a failure, a crash or a hang of one is reported and the rest still run; the
 ``--budget`` seconds (a part starts only if its minimum time is left, and is cut at what is left):
 
 * ``colorize``: ``Colorizer.colorize`` (encoders + sampling + VAE decode) at 1024², 20 steps, dual guidance
-  (reference 4.5, sketch 2.0: three U-Net evaluations a step), eager;
+  (reference 4.5, sketch 2.0: three U-Net evaluations a step), eager; then each switch of
+  ``model/acceleration.py`` alone (channels_last for the U-Net, and with the VAE decoder; each SDPA kernel;
+  float32 against bfloat16) at 3 steps against the plain model in the same process, as ratios;
 * ``train``: ``bench/train.py`` at ``sdxl`` 1024², batch 8, gradient checkpointing: samples/s and peak
   memory with the Gram branch off (``plain``), ours (``fused``) and two full forwards (``naive``);
 * ``encoder``: ``bench/preprocess.py --encoders-only``: WD tagger, CLIP, VAE encode and the three together;
@@ -109,6 +111,8 @@ class Setting:
     serve_threads: int
     batch_pairs: int
     compile_backend: str
+    switch_steps: int  # the colorize part also times each acceleration switch at this many steps
+    switch_iters: int  # ... this many times (after one warm-up call)
     budget: float
     limits: dict[str, float]  # a part's time limit (seconds)
     minimums: dict[str, float]  # a part starts only if this much of the budget is left (or its whole limit)
@@ -118,8 +122,8 @@ def gpu_setting(args) -> Setting:
     return Setting(reduced=False, device="cuda", dtype="bfloat16", preset="sdxl", size=1024, steps=20, iters=3,
                    train_size=1024, train_batch=8, train_iters=3, encoder_batch=16, serve_size=1024,
                    serve_steps=args.serve_steps or 4, serve_requests=8, serve_threads=4, batch_pairs=16,
-                   compile_backend=args.compile_backend or "inductor", budget=args.budget or 440,
-                   limits={"colorize": 90, "train": 120, "encoder": 90, "colorize_compiled": 240,
+                   compile_backend=args.compile_backend or "inductor", switch_steps=3, switch_iters=2, budget=args.budget or 440,
+                   limits={"colorize": 130, "train": 120, "encoder": 90, "colorize_compiled": 240,
                            "model_folder": 90, "serve": 180, "batch": 90},
                    minimums={"colorize": 30, "train": 40, "encoder": 30, "colorize_compiled": 150,
                              "model_folder": 30, "serve": 90, "batch": 30})
@@ -129,8 +133,8 @@ def reduced_setting(args) -> Setting:
     return Setting(reduced=True, device="cpu", dtype="float32", preset="tiny", size=64, steps=4, iters=3,
                    train_size=64, train_batch=2, train_iters=1, encoder_batch=2, serve_size=64,
                    serve_steps=args.serve_steps or 2, serve_requests=4, serve_threads=1, batch_pairs=8,
-                   compile_backend=args.compile_backend or "eager", budget=args.budget or 150,
-                   limits={"colorize": 40, "train": 40, "encoder": 40, "colorize_compiled": 60,
+                   compile_backend=args.compile_backend or "eager", switch_steps=1, switch_iters=1, budget=args.budget or 150,
+                   limits={"colorize": 60, "train": 40, "encoder": 40, "colorize_compiled": 60,
                            "model_folder": 30, "serve": 90, "batch": 60},
                    minimums={"colorize": 10, "train": 10, "encoder": 10, "colorize_compiled": 15,
                              "model_folder": 5, "serve": 30, "batch": 10})
@@ -256,7 +260,7 @@ def part_commands(setting: Setting, args, target: Path,
         return argv + (["--model", str(folder())] if folder() else ["--preset", s.preset])
 
     return {
-        "colorize": lambda: colorize,
+        "colorize": lambda: colorize + ["--switch-steps", str(s.switch_steps), "--switch-iters", str(s.switch_iters)],
         "colorize_compiled": lambda: colorize + ["--compile", "--compile-scope", args.compile_scope,
                                                  "--compile-backend", s.compile_backend]
                                               + (["--compile-mode", args.compile_mode] if args.compile_mode else []),
@@ -362,6 +366,14 @@ def _rows(outcome: Outcome, setting: Setting) -> list[Row]:
                       if compiled else "U-Net alone: 0.120 s/step eager at batch 2 (0.0775 s with channels_last)")
             rows.append(Row(label, measured, anchor, "whole colorize ≤ 0.75 s",
                             _judge(line["seconds"], lambda v: v <= 0.75, red)))
+        for switch in (x for x in r if x.get("bench") == "gpu_check_switch" and x["switch"] != "plain"):
+            figure = f"colorize {s.size}², {switch['steps']} steps, switch `{switch['switch']}`"
+            if "error" in switch:
+                rows.append(Row(figure, f"not run: {switch['error']}".replace("|", "/")[:200]))
+            elif switch.get("ratio_vs_plain") is not None:
+                rows.append(Row(figure, f"{switch['seconds']:.3g} s, {switch['ratio_vs_plain']:.2f}× the plain model's time",
+                                "channels_last: U-Net step 0.65× on an H100" if "unet" in switch["switch"] else "—",
+                                "below 1×", _judge(switch["ratio_vs_plain"], lambda v: v < 1.0, red)))
     elif outcome.part == "train":
         plain, fused = _find(r, variant="plain"), _find(r, variant="fused")
         naive = _find(r, variant="naive")
@@ -510,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
                                 ("size", int, 64), ("steps", int, 4), ("iters", int, 1), ("out", Path, None)):
         parser.add_argument(f"--{name}", type=kind, default=default, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--switch-steps", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--switch-iters", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker == "colorize":
         return worker_colorize(args)
@@ -558,23 +572,6 @@ def _build(args):
         return Colorizer.from_config(get_preset(args.preset)).eval()
 
 
-def compile_denoiser(model, scope: str, backend: str, mode: str | None = None) -> int:
-    """``torch.compile`` the denoiser in place: the whole ``ColorizerUNet`` (``unet``) or each transformer
-    and ResNet block of the U-Net (``blocks``: regional, the repeated blocks share their compiled code).
-    Returns how many modules were compiled."""
-    import torch
-
-    options = {"backend": backend, **({"mode": mode} if mode else {})}
-    if scope == "unet":
-        model.unet.compile(**options)
-        return 1
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    blocks = [m for m in model.unet.unet.modules() if type(m).__name__ in ("BasicTransformerBlock", "ResnetBlock2D")]
-    for block in blocks:
-        block.compile(**options)
-    return len(blocks)
-
-
 def worker_colorize(args) -> int:
     import numpy as np
     import torch
@@ -602,8 +599,11 @@ def worker_colorize(args) -> int:
     try:
         if args.compile:
             record.update(scope=args.compile_scope, backend=args.compile_backend, mode=args.compile_mode)
-            record["compiled_modules"] = compile_denoiser(model, args.compile_scope, args.compile_backend,
-                                                          args.compile_mode)
+            from model.acceleration import Acceleration
+
+            compiled = model.accelerate(Acceleration(compile=args.compile_scope, compile_backend=args.compile_backend,
+                                                     compile_mode=args.compile_mode))
+            record["compiled_modules"] = compiled["compiled_modules"]
         reset_peak(device)
         for _ in range(2 if args.compile else 1):  # a recompile on the second call belongs to compiling too
             start = time.perf_counter()
@@ -620,7 +620,58 @@ def worker_colorize(args) -> int:
     if args.compile:
         record["compile_s"] = round(sum(warmups) - len(warmups) * seconds, 1)
     bench_emit(record)
+    if not args.compile and args.switch_steps > 0:
+        time_switches(model, sketch, reference, options, args, device)
     return 0
+
+
+SWITCHES = (  # (name, Acceleration fields or a dtype) timed against the plain model in the same process
+    ("plain", {}), ("channels_last=unet", {"channels_last": ("unet",)}),
+    ("channels_last=unet,vae_decoder", {"channels_last": ("unet", "vae_decoder")}),
+    ("attention=flash", {"attention": "flash"}), ("attention=efficient", {"attention": "efficient"}),
+    ("attention=cudnn", {"attention": "cudnn"}), ("attention=math", {"attention": "math"}),
+    ("dtype=float32", "float32"), ("dtype=bfloat16", "bfloat16"),
+)
+
+
+def time_switches(model, sketch, reference, options, args, device) -> None:
+    """Each switch of model/acceleration.py (and the dtype) alone, at ``--switch-steps`` steps, against the
+    plain model: one ``gpu_check_switch`` line each, with its ratio. A kernel the device lacks is reported
+    as the error it raised."""
+    import dataclasses as dc
+
+    import torch
+
+    from bench.model import emit as bench_emit
+    from bench.model import median_seconds, peak_gib, reset_peak
+    from model.acceleration import Acceleration
+
+    short = dc.replace(options, steps=args.switch_steps)
+    run = lambda: model.colorize(sketch, reference, short, seed=0)
+    base_dtype = model.dtype
+    plain_s = None
+    for name, switch in SWITCHES:
+        record = {"bench": "gpu_check_switch", "switch": name, "steps": args.switch_steps, "size": args.size,
+                  "device": device.type}
+        try:
+            if isinstance(switch, str):
+                model.accelerate(Acceleration())
+                model.to(getattr(torch, switch))
+            else:
+                model.to(base_dtype)
+                model.accelerate(Acceleration(**switch))
+            reset_peak(device)
+            seconds = median_seconds(run, device, 1, args.switch_iters)
+        except Exception as error:  # noqa: BLE001 - a kernel this device lacks is a result
+            bench_emit({**record, "error": f"{type(error).__name__}: {error}"[:300]})
+            continue
+        if name == "plain":
+            plain_s = seconds
+        record.update(seconds=round(seconds, 4), peak_gib=peak_gib(device),
+                      ratio_vs_plain=None if not plain_s else round(seconds / plain_s, 3))
+        bench_emit(record)
+    model.to(base_dtype)
+    model.accelerate(Acceleration())
 
 
 def worker_model_folder(args) -> int:

@@ -43,6 +43,10 @@ def test_reduced_run_measures_colorize_and_encoders_and_reports_a_part_past_its_
     eager = next(r for r in parts["colorize"]["records"] if r.get("variant") == "eager")
     assert parts["colorize"]["status"] == "ok" and eager["seconds"] > 0 and eager["steps"] == 4
     assert eager["sketch_guidance"] > 1 and eager["reference_guidance"] == 4.5  # dual guidance
+    switches = {r["switch"]: r for r in parts["colorize"]["records"] if r.get("bench") == "gpu_check_switch"}
+    assert {"plain", "channels_last=unet", "attention=math", "dtype=bfloat16"} <= set(switches)
+    assert switches["plain"]["ratio_vs_plain"] == 1.0 and switches["channels_last=unet"]["seconds"] > 0
+    assert "error" in switches["attention=efficient"]  # no memory-efficient kernel on a CPU: said, not hidden
     assert parts["train"]["status"] == "timeout" and parts["train"]["seconds"] < 15
     assert "limit of 1 s" in parts["train"]["error"]
     encoders = {r["part"]: r for r in parts["encoder"]["records"] if r.get("bench") == "encoder_stage"}
@@ -60,6 +64,7 @@ def test_reduced_run_measures_colorize_and_encoders_and_reports_a_part_past_its_
     assert "whole colorize ≤ 0.75 s" in colorize_row and "n/a (reduced)" in colorize_row
     assert any(row.startswith("| encoder stage (WD + CLIP + VAE)") and "≥ 300 images/s" in row for row in rows)
     assert any(row.startswith("| `train` part | timed out") for row in rows)
+    assert any(row.startswith("| colorize 64², 1 steps, switch `attention=efficient` | not run: ") for row in rows)
     assert elapsed < 100 + 20  # the budget holds (plus start-up and the table)
 
 
