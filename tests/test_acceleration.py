@@ -86,3 +86,25 @@ def test_compile_cache_folder(tmp_path, monkeypatch):
     assert use_compile_cache(tmp_path / "cache") is False  # a foreign file costs a recompile, not a crash
     written = save_compile_cache(tmp_path / "saved")
     assert written == 0 or (tmp_path / "saved" / "torch-compile-artifacts.bin").stat().st_size == written
+
+
+def test_bf16_runs_end_to_end(tiny_colorizer, drawing_pair):
+    """With the model in bf16, every convolution, linear layer and norm of every part computes in bf16: no
+    part silently runs in float32 (the sampler's own state stays float32 by design)."""
+    model = copy.deepcopy(tiny_colorizer).to(torch.bfloat16)
+    seen: dict[str, set] = {}
+
+    def record(module, args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+        seen.setdefault(type(module).__name__, set()).update(str(t.dtype) for t in tensors)
+
+    kinds = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        image = model.colorize(drawing_pair.sketch, drawing_pair.color, OPTIONS, seed=3)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert np.asarray(image).shape == (64, 64, 3)
+    assert set(seen) >= {"Conv2d", "Linear", "LayerNorm", "GroupNorm"}
+    assert all(dtypes == {"torch.bfloat16"} for dtypes in seen.values()), seen
