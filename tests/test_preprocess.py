@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -346,3 +347,143 @@ def test_datasets_of_schema_version_2_are_refused_with_the_reason_and_what_to_do
     (in_progress / "config.json").write_text(json.dumps({"schema_version": 2, **cfg.to_json()}))
     with pytest.raises(ValueError, match="schema version 2"):
         check_config(str(in_progress), cfg)
+
+
+# --------------------------------------------------------------------------- temporary failures (issue 18.9)
+from fsspec.implementations.memory import MemoryFileSystem  # noqa: E402
+
+from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries, is_transient  # noqa: E402
+
+FAST_RETRIES = RetryPolicy(attempts=3, base_seconds=0.001, max_seconds=0.002)
+
+
+class FlakyMemoryFileSystem(MemoryFileSystem):
+    """An in-memory filesystem whose opens of a path fail ``failures[path]`` times, the way S3 answers a
+    503 SlowDown through s3fs (an OSError with EBUSY), before reading normally. The store is its own."""
+
+    protocol = "flakymem"
+    store: dict = {}
+    pseudo_dirs = [""]
+    failures: dict = {}
+    opens: dict = {}
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.removeprefix("flakymem://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        path = self._strip_protocol(path)
+        if "r" not in mode:
+            return super()._open(path, mode, **kwargs)
+        self.opens[path] = self.opens.get(path, 0) + 1
+        if self.failures.get(path, 0) > 0:
+            self.failures[path] -= 1
+            import errno
+
+            raise OSError(errno.EBUSY, "503 SlowDown: please reduce your request rate", path)
+        return super()._open(path, mode, **kwargs)
+
+
+fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
+
+
+@pytest.fixture
+def flaky_corpus(request):
+    """One good image, one corrupt one, on the flaky filesystem: (items, fs paths)."""
+    from pipelines.data.synthetic import synthetic_illustration
+
+    fs = FlakyMemoryFileSystem()
+    png = io.BytesIO()
+    Image.fromarray(synthetic_illustration(seed=3, width=160, height=128).color).save(png, format="PNG")
+    folder = f"/{request.node.name}"
+    fs.pipe(f"{folder}/good.png", png.getvalue())
+    fs.pipe(f"{folder}/corrupt.png", png.getvalue()[:200])
+    items = list_inputs(f"flakymem://{folder}").items
+    assert [it.source for it in items] == ["corrupt.png", "good.png"]
+    return items, {"good": f"{folder}/good.png", "corrupt": f"{folder}/corrupt.png"}
+
+
+def test_a_read_that_fails_twice_is_retried_and_a_corrupt_image_still_is_an_error(flaky_corpus):
+    from pipelines.data.shards import prepare_shard
+
+    items, paths = flaky_corpus
+    FlakyMemoryFileSystem.failures[paths["good"]] = 2
+    table = prepare_shard(0, items, PreprocessConfig(preset="tiny"), FAST_RETRIES).to_pylist()
+    rows = {row["source"]: row for row in table}
+    assert FlakyMemoryFileSystem.opens[paths["good"]] == 3  # two 503s, then the read
+    assert rows["good.png"]["error"] is None and rows["good.png"]["width"] > 0
+    assert rows["corrupt.png"]["error_stage"] == "decode" and "truncated" in rows["corrupt.png"]["error"]
+    assert FlakyMemoryFileSystem.opens[paths["corrupt"]] == 1  # a bad input is not retried
+
+
+def test_spent_retries_leave_the_shard_unmarked_for_the_next_run(flaky_corpus, tmp_path):
+    """The Ray stages as plain functions: the shard travels on as deferred, no file is written for it, and
+    a rerun (the 503s over) records the good image as data and the corrupt one as an error."""
+    from pipelines.data.ray_stream import _items_json, _prepare, _write
+
+    items, paths = flaky_corpus
+    cfg = PreprocessConfig(preset="tiny")
+    FlakyMemoryFileSystem.failures[paths["good"]] = FAST_RETRIES.attempts
+    prepared = _prepare({"shard": [7], "items": [_items_json(items)]}, cfg, FAST_RETRIES)
+    assert "still failing after 3 attempts" in prepared["deferred"][0] and "SlowDown" in prepared["deferred"][0]
+    written = _write(prepared, str(tmp_path))
+    assert written["deferred"][0] and written["rows"] == [0] and written["errors"] == [0]
+    assert completed_shards(str(tmp_path)) == {} and not list(tmp_path.rglob("*.parquet"))
+
+    again = _prepare({"shard": [7], "items": [_items_json(items)]}, cfg, FAST_RETRIES)
+    assert again["deferred"] == [""]
+    errors = pa.ipc.open_stream(again["table"][0]).read_all().to_pylist()
+    assert [r["source"] for r in errors if r["error"]] == ["corrupt.png"]
+
+
+def test_temporary_failures_are_told_apart_from_bad_inputs():
+    import errno
+
+    import torch
+
+    assert is_transient(OSError(errno.EBUSY, "SlowDown")) and is_transient(ConnectionResetError())
+    assert is_transient(TimeoutError()) and is_transient(torch.OutOfMemoryError("CUDA out of memory"))
+    wrapped = RuntimeError("read failed")
+    wrapped.__cause__ = ConnectionResetError("peer reset")
+    assert is_transient(wrapped)
+    for bad in (FileNotFoundError(errno.ENOENT, "gone"), ValueError("not an image"), PermissionError(errno.EACCES, "")):
+        assert not is_transient(bad)
+    calls = []
+    with pytest.raises(ValueError):
+        call_with_retries(lambda: calls.append(1) or int("x"), FAST_RETRIES, "parse")
+    assert len(calls) == 1  # a bad input fails at once
+    waits = []
+    with pytest.raises(TransientFailure, match="encode: still failing after 3 attempts"):
+        call_with_retries(lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory")),
+                          RetryPolicy(attempts=3, base_seconds=1.0), "encode", sleep=waits.append)
+    assert len(waits) == 2 and 0.5 <= waits[0] <= 1.0 and 1.0 <= waits[1] <= 2.0  # backoff doubles
+
+
+def test_an_encoder_out_of_memory_is_retried_from_the_prepared_values(workspace, config):
+    """A CUDA out-of-memory raised by the CLIP tower (after the encoder has rewritten the reference mask in
+    place) is retried and the shard comes out exactly as without it; when it never stops, the shard fails
+    as temporary instead of turning its images into error rows."""
+    import torch
+
+    from pipelines.data.shards import prepare_shard
+
+    items = [it for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/")][:1]
+    prepared = prepare_shard(0, items, config)
+    encoder = ShardEncoder(config, retry=FAST_RETRIES)
+    clean = encoder.encode(prepared)
+    clip = encoder.clip
+    failures = {"left": 1}
+
+    def clip_out_of_memory(images):
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return clip(images)
+
+    encoder.clip = clip_out_of_memory
+    retried = encoder.encode(prepared)
+    assert failures["left"] == 0 and retried.equals(clean)
+    assert all(e is None for e in retried.column("error").to_pylist())
+    failures["left"] = FAST_RETRIES.attempts
+    with pytest.raises(TransientFailure, match="out of memory"):
+        encoder.encode(prepared)

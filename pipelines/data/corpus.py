@@ -16,10 +16,13 @@ from __future__ import annotations
 import bisect
 import posixpath
 from dataclasses import dataclass
+from functools import partial
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
 ID_COLUMN_CANDIDATES = ("id", "key", "path", "filename", "file_name", "name", "url")
@@ -121,44 +124,62 @@ def shards_from_plan(table: pa.Table) -> list[list[InputItem]]:
     return [shards[k] for k in sorted(shards)]
 
 
-def read_shard_bytes(items: list[InputItem], image_column: str = "image") -> list[bytes | Exception]:
-    """The raw bytes of each input, or the exception that prevented reading it (kept per item)."""
+def read_shard_bytes(items: list[InputItem], image_column: str = "image",
+                     retry: RetryPolicy = RetryPolicy()) -> list[bytes | Exception]:
+    """The raw bytes of each input, or the exception that prevented reading it (kept per item: a missing
+    or damaged file is that input's error). A temporary failure (a 503, a reset connection, a timeout) is
+    retried under ``retry``; when the retries run out it raises :class:`TransientFailure` for the whole
+    shard, since the input itself may be fine."""
     results: list[bytes | Exception] = []
     rows = [it for it in items if it.row >= 0]
     if rows:
-        results_by_row = _read_parquet_rows(rows, image_column)
+        results_by_row = _read_parquet_rows(rows, image_column, retry)
     for item in items:
         if item.row >= 0:
             results.append(results_by_row[(item.path, item.row)])
             continue
         try:
-            with fsspec.open(item.path, "rb") as f:
-                results.append(f.read())
+            results.append(call_with_retries(partial(_read_file, item.path), retry, f"reading {item.path}"))
+        except TransientFailure:
+            raise
         except Exception as err:  # noqa: BLE001 - one unreadable file must not stop its shard
             results.append(err)
     return results
 
 
-def _read_parquet_rows(items: list[InputItem], image_column: str) -> dict:
+def _read_file(path: str) -> bytes:
+    with fsspec.open(path, "rb") as f:
+        return f.read()
+
+
+def _read_parquet_rows(items: list[InputItem], image_column: str, retry: RetryPolicy) -> dict:
     out: dict = {}
     by_file: dict[str, list[int]] = {}
     for it in items:
         by_file.setdefault(it.path, []).append(it.row)
     for path, wanted in by_file.items():
         try:
-            with fsspec.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
-                starts = [sum(sizes[:g]) for g in range(len(sizes))]
-                group_of = {row: bisect.bisect_right(starts, row) - 1 for row in wanted}
-                groups = sorted(set(group_of.values()))
-                values = parquet.read_row_groups(groups, columns=[image_column]).column(0)
-                position = {g: sum(sizes[h] for h in groups if h < g) for g in groups}
-                for row in wanted:
-                    g = group_of[row]
-                    value = values[position[g] + row - starts[g]].as_py()
-                    out[(path, row)] = value if value is not None else b""
+            out.update(call_with_retries(partial(_parquet_rows, path, wanted, image_column), retry, f"reading {path}"))
+        except TransientFailure:
+            raise
         except Exception as err:  # noqa: BLE001 - a damaged Parquet file fails its rows, not the job
             for row in wanted:
                 out[(path, row)] = err
+    return out
+
+
+def _parquet_rows(path: str, wanted: list[int], image_column: str) -> dict:
+    out = {}
+    with fsspec.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)]
+        starts = [sum(sizes[:g]) for g in range(len(sizes))]
+        group_of = {row: bisect.bisect_right(starts, row) - 1 for row in wanted}
+        groups = sorted(set(group_of.values()))
+        values = parquet.read_row_groups(groups, columns=[image_column]).column(0)
+        position = {g: sum(sizes[h] for h in groups if h < g) for g in groups}
+        for row in wanted:
+            g = group_of[row]
+            value = values[position[g] + row - starts[g]].as_py()
+            out[(path, row)] = value if value is not None else b""
     return out

@@ -20,6 +20,7 @@ import ray
 from pipelines.data.layout import check_config, completed_shards, load_or_create_plan, write_manifest
 from pipelines.data.shards import PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard, table_to_bytes, write_shard
 from pipelines.data.corpus import InputItem
+from pipelines.data.retries import RetryPolicy, TransientFailure
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class ClusterOptions:
     gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_prepare: float = 1.0
     cpus_per_encoder: float = 1.0
+    retry: RetryPolicy = RetryPolicy()  # temporary failures (reads, CUDA out of memory): tries and backoff
 
 
 ACTOR_PROCESS_BYTES = 1 << 30  # the actor's own footprint (Python, torch, OpenCV): 0.63–0.65 GiB RSS measured
@@ -57,28 +59,48 @@ def _items_json(items: list[InputItem]) -> str:
     return json.dumps([[it.source, it.path, it.row] for it in items])
 
 
-def _prepare(batch: dict, cfg: PreprocessConfig) -> dict:
-    out = {"shard": [], "inputs": [], "table": []}
+def _prepare(batch: dict, cfg: PreprocessConfig, retry: RetryPolicy = RetryPolicy()) -> dict:
+    """A shard whose reads kept failing for a temporary reason travels on as ``deferred`` (its reason) with
+    no table: no stage records anything for it, and the next run does it again."""
+    out = {"shard": [], "inputs": [], "table": [], "deferred": []}
     for shard, items_json in zip(batch["shard"], batch["items"]):
         items = [InputItem(*entry) for entry in json.loads(items_json)]
         out["shard"].append(int(shard))
         out["inputs"].append(len(items))
-        out["table"].append(table_to_bytes(prepare_shard(int(shard), items, cfg)))
+        try:
+            out["table"].append(table_to_bytes(prepare_shard(int(shard), items, cfg, retry)))
+            out["deferred"].append("")
+        except TransientFailure as err:
+            out["table"].append(b"")
+            out["deferred"].append(str(err))
     return out
 
 
 class _EncoderActor(ShardEncoder):
     def __call__(self, batch: dict) -> dict:
-        out = super().__call__({"shard": batch["shard"], "table": batch["table"]})
-        out["inputs"] = [int(n) for n in batch["inputs"]]
+        out = {"shard": [], "inputs": [], "table": [], "deferred": []}
+        for shard, inputs, table, deferred in zip(batch["shard"], batch["inputs"], batch["table"], batch["deferred"]):
+            if not deferred:
+                try:
+                    table = table_to_bytes(self.encode(bytes_to_table(table)))
+                except TransientFailure as err:  # e.g. CUDA out of memory on every retry
+                    table, deferred = b"", str(err)
+            out["shard"].append(int(shard))
+            out["inputs"].append(int(inputs))
+            out["table"].append(table)
+            out["deferred"].append(str(deferred))
         return out
 
 
 def _write(batch: dict, output: str) -> dict:
-    markers = [write_shard(output, int(s), bytes_to_table(t), int(n))
-               for s, t, n in zip(batch["shard"], batch["table"], batch["inputs"])]
-    return {"shard": [m["shard"] for m in markers], "rows": [m["rows"] for m in markers],
-            "errors": [m["errors"] for m in markers], "inputs": [m["inputs"] for m in markers]}
+    out = {"shard": [], "rows": [], "errors": [], "inputs": [], "deferred": []}
+    for shard, table, inputs, deferred in zip(batch["shard"], batch["table"], batch["inputs"], batch["deferred"]):
+        marker = {"rows": 0, "errors": 0} if deferred else write_shard(output, int(shard), bytes_to_table(table),
+                                                                       int(inputs))
+        for key, value in (("shard", int(shard)), ("rows", marker["rows"]), ("errors", marker["errors"]),
+                           ("inputs", int(inputs)), ("deferred", str(deferred))):
+            out[key].append(value)
+    return out
 
 
 def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: ClusterOptions = ClusterOptions(),
@@ -107,16 +129,25 @@ def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: 
             [{"shard": k, "items": _items_json(plan.shards[k])} for k in pending],
             override_num_blocks=len(pending),
         )
-        prepared = shards.map_batches(_prepare, fn_kwargs={"cfg": cfg}, batch_size=1, num_cpus=options.cpus_per_prepare)
+        prepared = shards.map_batches(_prepare, fn_kwargs={"cfg": cfg, "retry": options.retry}, batch_size=1,
+                                      num_cpus=options.cpus_per_prepare)
         encoded = prepared.map_batches(
-            _EncoderActor, fn_constructor_kwargs={"cfg": cfg}, batch_size=1,
+            _EncoderActor, fn_constructor_kwargs={"cfg": cfg, "retry": options.retry}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, options.encoder_actors)),
             num_gpus=gpus, num_cpus=options.cpus_per_encoder, memory=encoder_memory_bytes(cfg.preset),
         )
         written = encoded.map_batches(_write, fn_kwargs={"output": output}, batch_size=1, num_cpus=0.5)
+        deferred = 0
         for row in written.iter_rows():
+            if row["deferred"]:
+                deferred += 1
+                print(f"[preprocess] shard {row['shard']}: left for the next run ({row['deferred']})", flush=True)
+                continue
             print(f"[preprocess] shard {row['shard']}: {row['rows']} rows, {row['errors']} errors "
                   f"of {row['inputs']} inputs", flush=True)
+        if deferred:
+            print(f"[preprocess] {deferred} shards met temporary failures beyond their retries and are not marked "
+                  "done: run the job again to finish them", flush=True)
 
     markers = completed_shards(output)
     manifest = write_manifest(output, cfg, plan, markers)

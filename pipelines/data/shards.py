@@ -24,6 +24,7 @@ import json
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -41,6 +42,7 @@ from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_i
 from model.line_art import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
 from model.masks import reference_foreground, sketch_foreground
 from pipelines.data.corpus import InputItem, read_shard_bytes
+from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries
 from pipelines.data.layout import DATA, DATA_COLUMNS, ERROR_COLUMNS, ERRORS, MARKERS, shard_file
 from pipelines.data.tensor_cells import image_from_cell, tensor_to_bytes
 
@@ -123,11 +125,13 @@ def _error_row(ordinal: int, item: InputItem, stage: str, reason: str, image_id:
     return {"ordinal": ordinal, "source": item.source, "id": image_id, "error": reason, "error_stage": stage}
 
 
-def prepare_shard(shard: int, items: list[InputItem], cfg: PreprocessConfig) -> pa.Table:
-    """CPU stage for one shard: one row per input, ``error`` set where the input failed."""
+def prepare_shard(shard: int, items: list[InputItem], cfg: PreprocessConfig,
+                  retry: RetryPolicy = RetryPolicy()) -> pa.Table:
+    """CPU stage for one shard: one row per input, ``error`` set where the input failed. Reads that keep
+    failing for a temporary reason raise :class:`TransientFailure` (the shard is redone, nothing recorded)."""
     buckets = buckets_for(get_preset(cfg.preset))
     rows = []
-    for ordinal, (item, data) in enumerate(zip(items, read_shard_bytes(items, cfg.image_column))):
+    for ordinal, (item, data) in enumerate(zip(items, read_shard_bytes(items, cfg.image_column, retry))):
         if isinstance(data, Exception):
             rows.append(_error_row(ordinal, item, "read", f"unreadable: {type(data).__name__}: {data}"))
             continue
@@ -204,11 +208,12 @@ class ShardEncoder:
     mixed aspect ratios still runs in full batches on the GPU.
     """
 
-    def __init__(self, cfg: PreprocessConfig, device: str | None = None):
+    def __init__(self, cfg: PreprocessConfig, device: str | None = None, retry: RetryPolicy = RetryPolicy()):
         from model.colorizer import Colorizer
         from pipelines.data.neural_lines import NEURAL_EXTRACTORS, load_line_extractor
 
         self.cfg = cfg
+        self.retry = retry
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         if cfg.encoders:
@@ -252,15 +257,32 @@ class ShardEncoder:
         for (width, height), members in groups.items():
             for start in range(0, len(members), self.cfg.encode_batch_size):
                 chunk = members[start:start + self.cfg.encode_batch_size]
-                try:
-                    self._encode_chunk(chunk, width, height)
-                except Exception as err:  # noqa: BLE001 - a failing chunk becomes error rows
+                try:  # a CUDA out-of-memory is retried after freeing the cache; spent retries fail the shard
+                    prepared_values = [{**r, "sketches": list(r["sketches"])} for r in chunk]
+                    call_with_retries(partial(self._encode_chunk_afresh, chunk, prepared_values, width, height),
+                                      self.retry, f"encoding {len(chunk)} images of {width}x{height}",
+                                      on_retry=self._free_memory)
+                except TransientFailure:
+                    raise
+                except Exception as err:  # noqa: BLE001 - a chunk that fails for what it holds becomes error rows
                     for row in chunk:
                         row["error"], row["error_stage"] = f"{type(err).__name__}: {err}", "encode"
         for row in rows:
             row.pop("target_pixels", None)
             row.pop("reference_pixels", None)
         return pa.Table.from_pylist(rows, schema=encoded_schema())
+
+    def _encode_chunk_afresh(self, chunk, prepared_values, width, height):
+        """:meth:`_encode_chunk` from the prepared values, so that a retry after a failure halfway (it
+        rewrites ``reference_mask`` and ``sketches`` in place) starts from what the first try saw."""
+        for row, values in zip(chunk, prepared_values):
+            row.update(values)
+            row["sketches"] = list(values["sketches"])
+        self._encode_chunk(chunk, width, height)
+
+    def _free_memory(self, err: BaseException) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _pixels(self, chunk, key, width, height) -> torch.Tensor:
         arrays = [np.frombuffer(r[key], np.uint8).reshape(height, width, 3) for r in chunk]
