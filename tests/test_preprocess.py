@@ -487,3 +487,24 @@ def test_an_encoder_out_of_memory_is_retried_from_the_prepared_values(workspace,
     failures["left"] = FAST_RETRIES.attempts
     with pytest.raises(TransientFailure, match="out of memory"):
         encoder.encode(prepared)
+
+
+def test_the_default_shard_is_about_a_gigabyte_at_sdxl_and_the_flag_agrees(workspace, config):
+    """Issue 18.11: 64 inputs per shard made 93,750 shards of 6M images. The estimate of a stored image is
+    checked against a real tiny-preset shard's tensor columns, then used at the sdxl preset."""
+    from jobs.preprocess import build_parser
+    from model.geometry import buckets_for
+    from pipelines.data.shards import DEFAULT_SHARD_SIZE, ENCODED_IMAGE_BYTES, prepare_shard, stored_bytes_per_image
+
+    args = build_parser().parse_args(["--input", "x", "--out", "y", "--encoders", "z"])
+    assert args.shard_size == PreprocessConfig().shard_size == DEFAULT_SHARD_SIZE
+    per_image = stored_bytes_per_image("sdxl")
+    assert 0.5e9 < DEFAULT_SHARD_SIZE * per_image < 1.5e9
+    assert 5_000 < 6_000_000 / DEFAULT_SHARD_SIZE < 20_000
+
+    items = [it for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/")]
+    square = next(it for it in items if it.source.endswith("img_00000.png"))  # 256x256 → the 128x128 bucket
+    row = ShardEncoder(config).encode(prepare_shard(0, [square], config)).to_pylist()[0]
+    assert (row["width"], row["height"]) == (128, 128) == max(buckets_for(tiny()), key=lambda b: b[0] * b[1])
+    tensors = sum(len(row[k]) for k in ("latents", "tagger_tokens", "clip_tokens"))
+    assert tensors == stored_bytes_per_image("tiny") - ENCODED_IMAGE_BYTES

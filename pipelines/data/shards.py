@@ -49,13 +49,32 @@ from pipelines.data.tensor_cells import image_from_cell, tensor_to_bytes
 LATENT_VIEWS = ("target", "background")
 # ``background``: the stage-2 columns (background_latents, background_tagger_tokens, background_clip_tokens).
 
+# Encoded images of one input in a shard (the crop as JPEG, four PNG sketches, two PNG masks), measured on
+# the corpus at about one megapixel: 0.33 MB (issue 18's review of a 64-image shard).
+ENCODED_IMAGE_BYTES = 330_000
+# Inputs per shard. 512 makes a shard of the sdxl preset about 0.8 GB of Parquet (1.19 MB of tensors plus
+# the encoded images per input, :func:`stored_bytes_per_image`) and a 6M-image corpus 11,719 shards: few
+# enough that listing markers and opening files stays cheap (64 made 93,750 files of 100 MB), many enough
+# that 64 GPUs each get ~180 shards and a killed run loses under a minute of work per GPU.
+DEFAULT_SHARD_SIZE = 512
+
+
+def stored_bytes_per_image(preset: str, latent_views=("target",), storage_dtype_bytes: int = 2) -> int:
+    """Bytes one input adds to a finished shard at the preset's largest bucket: latents, tagger and CLIP
+    tokens for each latent view, plus :data:`ENCODED_IMAGE_BYTES`. What sizes a shard (and its write)."""
+    config = get_preset(preset)
+    pixels = max(w * h for w, h in buckets_for(config))
+    latents = config.vae.latent_channels * pixels // config.latent_stride ** 2
+    tokens = config.tagger.num_tokens * config.tagger.token_dim + config.clip.num_tokens * config.clip.embed_dim
+    return len(latent_views) * (latents + tokens) * storage_dtype_bytes + ENCODED_IMAGE_BYTES
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
     """Everything that decides the dataset's content (stored in its manifest)."""
 
     preset: str = "tiny"
-    shard_size: int = 64
+    shard_size: int = DEFAULT_SHARD_SIZE
     sketch_extractors: tuple[str, ...] = DEFAULT_EXTRACTORS
     extractor_weights: dict[str, str] = field(default_factory=dict)  # neural extractor name → weights path
     segmenter: str | None = None  # learned mask model name; None = weight-free masks
