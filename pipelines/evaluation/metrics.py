@@ -12,10 +12,16 @@
   CLIP score's is an OpenCLIP image tower from a checkpoint file. Where none is given, the caller may ask
   for a named substitute (the model's own CLIP tower), and the metric's key and label then say
   "substitute", so a number is never reported under a name it has not earned.
+* OpenCLIP checkpoints trained with QuickGELU (OpenAI's, the ``-quickgelu`` ones) have the same shapes as
+  GELU ones: :func:`clip_activation` reads the activation off the checkpoint's name and metadata, and a
+  tower that needs QuickGELU gets it (or the run stops when the caller's choice contradicts the file).
+* :func:`conventions` states every choice that moves the numbers (library versions, the FID resize, how
+  per-image scores are averaged) for the report; :func:`fid_sample_warning` flags FID at small n.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +37,12 @@ FID_EXTRACTORS = ("inception", "substitute:clip")
 CLIP_EXTRACTORS = ("openclip", "substitute:model")
 # OpenCLIP ViT image towers: width → attention heads (heads are not visible in the weights' shapes).
 OPENCLIP_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
+CLIP_ACTIVATIONS = ("auto", "gelu", "quick_gelu")
+# Keys only OpenAI's own CLIP checkpoints carry (open_clip drops them when loading those, always with QuickGELU).
+OPENAI_CHECKPOINT_KEYS = ("input_resolution", "context_length", "vocab_size")
+# FID is biased upward at small n (the bias falls roughly as 1/n); below this it gets a warning.
+FID_COMPARABLE_SAMPLES = 10_000
+PAPER_FID_SAMPLES = 50_000
 TABLE1_ARROWS = {"fid": "↓", "psnr": "↑", "ms_ssim": "↑", "clip_cosine": "↑"}  # which way is better
 
 
@@ -71,7 +83,15 @@ def ms_ssim_settings(min_side: int) -> MSSSIMSettings:
 
 
 class PixelMetrics:
-    """Per-image PSNR (capped) and MS-SSIM of outputs against their ground truths."""
+    """Per-image PSNR (capped) and MS-SSIM of outputs against their ground truths, in float32.
+
+    float32, not float64: torchmetrics computes MS-SSIM in its input's dtype, and float64 is slow and large
+    on the CPU. Measured (torchmetrics 1.9, 2 CPU threads, synthetic illustrations against their seeded
+    deformations, one image per call): at 1024² (5 scales) float64 took 16.3 s and 6.2 GB peak, float32
+    1.5 s and 1.7 GB; the values differed by 4.9e-5 and 5.8e-5 (0.686903 vs 0.686854, 0.629063 vs
+    0.629005); at 256² (4 scales) by 2.4e-6 and 2.0e-5. That is below the third decimal Table 1 reports,
+    but not zero: float32 numbers are not bit-comparable with float64 ones (the report says float32).
+    """
 
     def __init__(self, settings: MSSSIMSettings, psnr_cap: float = PSNR_CAP_DB):
         from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure, PeakSignalNoiseRatio
@@ -87,12 +107,37 @@ class PixelMetrics:
         """``outputs``, ``targets``: (B, 3, H, W) float in [0, 1] → {"psnr": (B,), "ms_ssim": (B,)}."""
         if outputs.shape != targets.shape:
             raise ValueError(f"outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in shape")
-        outputs, targets = outputs.double(), targets.double()
+        outputs, targets = outputs.float(), targets.float()  # float32: see the class docstring
         self.psnr.reset()
         self.ms_ssim.reset()
         psnr = self.psnr(outputs, targets).reshape(-1)
         ms_ssim = self.ms_ssim(outputs, targets).reshape(-1)
         return {"psnr": psnr.clamp(max=self.psnr_cap).float(), "ms_ssim": ms_ssim.float()}
+
+
+def conventions(fid: ExtractorChoice, clip: ExtractorChoice, ms_ssim: MSSSIMSettings) -> dict[str, str]:
+    """Every convention that moves a Table 1 number without changing the model, as report text."""
+    from importlib.metadata import version
+
+    if fid.kind == "inception":
+        resize = ("299² by TensorFlow-1's bilinear rule (no half-pixel offset, no antialiasing): the FID reference's "
+                  "and torch-fidelity's; torchmetrics' FrechetInceptionDistance defaults to antialias=True, a "
+                  "different resize that gives different FIDs (23.46 vs 17.30 on one set, issue 18), not used here")
+    else:
+        resize = "the substitute tower's own input: stretched to its square size (bilinear); not the FID standard"
+    return {
+        "torchmetrics": version("torchmetrics"), "torch": version("torch"), "open_clip": version("open_clip_torch"),
+        "fid": (f"torchmetrics FrechetInceptionDistance (float64) on precomputed features: ground truths vs outputs "
+                f"after random other rows' references, n pairs; {fid.label()}"),
+        "fid_resize": resize,
+        "psnr": (f"per image over (C, H, W) on RGB in [0, 1] from uint8, torchmetrics PeakSignalNoiseRatio "
+                 f"(data_range 1), capped at {PSNR_CAP_DB:g} dB, then the arithmetic mean of the per-image dB values "
+                 f"(not the PSNR of the pooled MSE, which is lower when errors vary between images)"),
+        "ms_ssim": (f"per image, float32, torchmetrics MultiScaleStructuralSimilarityIndexMeasure "
+                    f"({ms_ssim.description}, data_range 1), arithmetic mean; values depend on the torchmetrics version (a 2024 change "
+                    f"moved them by +0.0005 to +0.014): compare only numbers from the same version"),
+        "clip_cosine": f"per image cosine of the image embeddings (class token), arithmetic mean; {clip.label()}",
+    }
 
 
 # ------------------------------------------------------------------------------------------ FID
@@ -121,6 +166,16 @@ def frechet_distance(real: torch.Tensor, generated: torch.Tensor) -> float:
     return float(fid.compute())
 
 
+def fid_sample_warning(samples: int) -> str | None:
+    """The warning a FID over ``samples`` pairs carries, or None when n is large enough to compare."""
+    if samples >= FID_COMPARABLE_SAMPLES:
+        return None
+    return (f"FID over n={samples} is biased upward: its bias falls roughly as 1/n, so even two halves of one "
+            f"distribution score well above 0 at small n (15.3 at n=8 in issue 18). Compare FIDs only at equal n; "
+            f"this one is not comparable with the paper's {PAPER_FID_SAMPLES:,}-sample figure "
+            f"(below {FID_COMPARABLE_SAMPLES:,} samples every report says so).")
+
+
 # ----------------------------------------------------------------------------------- extractors
 @dataclass(frozen=True)
 class ExtractorChoice:
@@ -129,12 +184,15 @@ class ExtractorChoice:
     kind: str  # "inception" | "openclip" | "model_clip"
     path: str | None = None
     heads: int | None = None  # OpenCLIP only; None = from OPENCLIP_HEADS
+    quick_gelu: bool = False  # OpenCLIP only: the tower's MLPs use QuickGELU (see clip_activation)
+    activation_source: str = ""  # how quick_gelu was decided
 
     def label(self) -> str:
         if self.kind == "inception":
             return f"Inception-v3 FID weights ({Path(self.path).name})"
         if self.kind == "openclip":
-            return f"OpenCLIP image tower ({Path(self.path).name})"
+            activation = "QuickGELU" if self.quick_gelu else "GELU"
+            return f"OpenCLIP image tower ({Path(self.path).name}, {activation}: {self.activation_source})"
         return "substitute: the model's own CLIP tower"
 
 
@@ -155,8 +213,10 @@ def choose_fid_extractor(name: str, inception_weights: str | None) -> ExtractorC
     raise ValueError(f"unknown FID extractor {name!r}; expected one of {FID_EXTRACTORS}")
 
 
-def choose_clip_extractor(name: str, clip_weights: str | None, heads: int | None = None) -> ExtractorChoice:
-    """``name`` from :data:`CLIP_EXTRACTORS`; ``openclip`` needs an OpenCLIP checkpoint file."""
+def choose_clip_extractor(name: str, clip_weights: str | None, heads: int | None = None,
+                          activation: str = "auto") -> ExtractorChoice:
+    """``name`` from :data:`CLIP_EXTRACTORS`; ``openclip`` needs an OpenCLIP checkpoint file, whose MLP
+    activation ``activation`` (:data:`CLIP_ACTIVATIONS`) gives or :func:`clip_activation` detects."""
     if name == "openclip":
         if not clip_weights:
             raise ValueError(
@@ -165,7 +225,8 @@ def choose_clip_extractor(name: str, clip_weights: str | None, heads: int | None
                 "CLIP tower, reported as 'CLIP (substitute: model CLIP tower)'")
         if not Path(clip_weights).is_file():
             raise FileNotFoundError(f"CLIP weights not found: {clip_weights}")
-        return ExtractorChoice("openclip", str(clip_weights), heads)
+        quick_gelu, source = clip_activation(clip_weights, activation)
+        return ExtractorChoice("openclip", str(clip_weights), heads, quick_gelu, source)
     if name == "substitute:model":
         return ExtractorChoice("model_clip")
     raise ValueError(f"unknown CLIP extractor {name!r}; expected one of {CLIP_EXTRACTORS}")
@@ -182,6 +243,72 @@ def clip_metric_name(choice: ExtractorChoice) -> tuple[str, str]:
     if choice.kind == "openclip":
         return "clip_cosine", "CLIP"
     return "clip_cosine_substitute_model_clip", "CLIP (substitute: model CLIP tower)"
+
+
+def detect_quick_gelu(path: str | Path) -> tuple[bool | None, str]:
+    """Whether a CLIP checkpoint was trained with QuickGELU (``x·σ(1.702x)``), and what says so; ``None``
+    when nothing does. The weights have the same shapes either way, so only metadata can tell, read the
+    way open_clip decides it, in this order:
+
+    1. ``open_clip_config.json`` beside the file (a Hugging Face OpenCLIP repo): ``model_cfg.quick_gelu``;
+    2. a transformers ``config.json`` beside it: ``hidden_act`` (top level or ``vision_config``);
+    3. the file or folder name: open_clip's ``-quickgelu`` model names and tags; ``openai`` (OpenAI's CLIP
+       weights all use QuickGELU, which open_clip forces for them);
+    4. the keys OpenAI's own checkpoints carry (:data:`OPENAI_CHECKPOINT_KEYS`).
+    """
+    from model.weights import tensor_shapes
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    config = folder / "open_clip_config.json"
+    if config.is_file():
+        quick = bool(json.loads(config.read_text()).get("model_cfg", {}).get("quick_gelu", False))
+        return quick, f"{config.name} says quick_gelu={str(quick).lower()}"
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        act = data.get("hidden_act") or (data.get("vision_config") or {}).get("hidden_act")
+        if act:
+            return act == "quick_gelu", f"{config.name} says hidden_act={act}"
+    for name in (path.name, folder.name):
+        lowered = name.lower().replace("_", "")
+        if "quickgelu" in lowered:
+            return True, f"the name {name!r} says QuickGELU"
+        if "openai" in lowered:
+            return True, f"the name {name!r} says OpenAI weights, which use QuickGELU"
+    if path.is_file() and any(k in tensor_shapes(path) for k in OPENAI_CHECKPOINT_KEYS):
+        return True, "the file has the keys of an OpenAI checkpoint (input_resolution, ...), which uses QuickGELU"
+    return None, "no QuickGELU marker in the name, open_clip_config.json, config.json or keys"
+
+
+def clip_activation(path: str | Path, requested: str = "auto") -> tuple[bool, str]:
+    """(use QuickGELU, why) for a CLIP checkpoint: ``requested`` from :data:`CLIP_ACTIVATIONS`; ``auto``
+    follows :func:`detect_quick_gelu` (GELU, open_clip's default, when nothing is marked). A request that
+    contradicts the checkpoint's own metadata is refused: a wrong activation loads without any error and
+    shifts every embedding."""
+    if requested not in CLIP_ACTIVATIONS:
+        raise ValueError(f"unknown CLIP activation {requested!r}; expected one of {CLIP_ACTIVATIONS}")
+    detected, why = detect_quick_gelu(path)
+    if requested == "auto":
+        return bool(detected), why if detected is not None else f"{why}, GELU assumed (open_clip's default)"
+    wanted = requested == "quick_gelu"
+    if detected is not None and detected != wanted:
+        raise ValueError(f"{path}: --clip-activation {requested} contradicts the checkpoint ({why}); "
+                         f"drop the flag or fix the metadata")
+    return wanted, f"--clip-activation {requested}" + (f" ({why})" if detected is not None else "")
+
+
+def use_quick_gelu(visual: nn.Module) -> nn.Module:
+    """Swap the GELU of every transformer block's MLP of an open_clip ``VisionTransformer`` for open_clip's
+    ``QuickGELU`` (what ``quick_gelu=True`` builds); in place, returns ``visual``."""
+    from open_clip.transformer import QuickGELU
+
+    blocks = list(visual.transformer.resblocks)
+    for block in blocks:
+        if not isinstance(block.mlp.gelu, nn.GELU):
+            raise ValueError(f"expected nn.GELU in the CLIP tower's MLP, found {type(block.mlp.gelu).__name__}")
+        block.mlp.gelu = QuickGELU()
+    return visual
 
 
 def openclip_config_from_file(path: str | Path, heads: int | None = None):
@@ -235,6 +362,8 @@ def build_extractor(choice: ExtractorChoice, model=None, device=None) -> ImageEm
         from model.pretrained import load_clip_vision
 
         encoder = load_clip_vision(choice.path, openclip_config_from_file(choice.path, choice.heads))
+        if choice.quick_gelu:
+            use_quick_gelu(encoder.visual)
         return ImageEmbedder(encoder.eval().to(device), is_clip=True)
     if choice.kind == "model_clip":
         if model is None:
