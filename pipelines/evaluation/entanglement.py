@@ -15,11 +15,18 @@ held-out rows, each row paired with another row's reference (``shift``):
   tolerance F-score: a line pixel counts as matched when the other map has a line within ``tolerance``
   pixels. ``line_agreement_aligned`` is the same with the row's own reference, the baseline to compare
   against: their difference is what the misaligned reference costs.
+
+Degenerate pairs measure nothing, yet would read as perfect (Gram distance 0, equal line agreements): a
+row paired with itself (one row, or ``shift`` a multiple of the row count) or with a copy of its own
+image (duplicate rows). They are skipped and counted in ``skipped``; with no proper pair left every
+measure is NaN and ``degenerate`` says why. ``shift=0`` asks for the identity check on purpose and is
+measured as asked.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
@@ -40,9 +47,12 @@ class EntanglementResult:
     gram_distance_per_layer: dict[str, float]
     line_agreement: float
     line_agreement_aligned: float
-    pairs: int
+    pairs: int  # pairs measured (degenerate ones left out)
     timesteps: tuple[int, ...]
     line_extractors: list[str]
+    plugin: bool = False  # whether the colorizations used the stage-2 plug-in
+    skipped: dict[str, int] = field(default_factory=dict)  # reason → degenerate pairs left out
+    degenerate: str | None = None  # why every measure is NaN, when no proper pair was left
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -86,25 +96,48 @@ def _gram_distances(model, truth: np.ndarray, own: np.ndarray, other: np.ndarray
                         .pow(2).mean()) for name in sorted(out.aligned_features)}
 
 
+def degenerate_pair(rows: list[dict], truths: list[np.ndarray], i: int, shift: int) -> str | None:
+    """Why row ``i`` and its misaligned partner make no pair (None when they do)."""
+    partner = (i + shift) % len(rows)
+    if shift == 0:
+        return None  # the identity check, asked for
+    if partner == i:
+        return "paired with itself (fewer rows than the shift needs)"
+    same_id = rows[i].get("id") is not None and rows[i].get("id") == rows[partner].get("id")
+    if same_id or np.array_equal(truths[i], truths[partner]):
+        return "paired with a copy of its own image (duplicate rows)"
+    return None
+
+
 def spatial_entanglement(model, rows: list[dict], *, shift: int = 1, timesteps: tuple[int, ...] = (250, 500, 750),
                          seed: int = 0, steps: int | None = None, sketch_variant: int = 0,
-                         fallback_extractor: str = "xdog", tolerance: int | None = None) -> EntanglementResult:
+                         fallback_extractor: str = "xdog", tolerance: int | None = None,
+                         plugin: bool | None = None) -> EntanglementResult:
     """Both measures over ``rows`` (dataset rows: ``image``, ``sketches``, optionally ``sketch_extractors``).
 
     Row ``i`` gets row ``(i + shift) % len(rows)``'s image as its misaligned reference (``shift`` 0 = its
     own, the identity check). ``sketch_variant`` picks the stored sketch; lines of the outputs come from
     the same extractor when it is weight-free, else from ``fallback_extractor``. ``tolerance`` defaults to
-    1 px per 128 px of the smaller side. ``steps`` is the sampling steps of the colorizations.
+    1 px per 128 px of the smaller side. ``steps`` is the sampling steps of the colorizations, ``plugin``
+    whether they use the stage-2 plug-in (None: the model's default, on when it has one; the ablation
+    measures its plug-in rung with it), recorded in the result. Degenerate pairs:
+    see the module docstring.
     """
     if not rows:
         raise ValueError("no held-out rows given")
     if fallback_extractor not in CLASSIC_EXTRACTORS:
         raise ValueError(f"unknown line extractor {fallback_extractor!r}; expected one of {sorted(CLASSIC_EXTRACTORS)}")
+    plugin = bool(model.resolve(ColorizeOptions(plugin=plugin)).plugin)
     generator = torch.Generator().manual_seed(seed)
     truths = [image_from_cell(r["image"], cv2.IMREAD_COLOR) for r in rows]
     per_layer: dict[str, list[float]] = {}
     aligned_scores, misaligned_scores, used = [], [], []
+    skipped: dict[str, int] = {}
     for i, row in enumerate(rows):
+        reason = degenerate_pair(rows, truths, i, shift)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
         other = truths[(i + shift) % len(rows)]
         sketches = list(row["sketches"])
         drawing = invert(image_from_cell(sketches[sketch_variant % len(sketches)], cv2.IMREAD_GRAYSCALE))
@@ -118,14 +151,22 @@ def spatial_entanglement(model, rows: list[dict], *, shift: int = 1, timesteps: 
         used.append(extractor)
         height, width = drawing.shape[:2]
         outputs = model.colorize_batch([drawing, drawing], [other, truths[i]],
-                                       ColorizeOptions(size=(width, height), steps=steps), seeds=[seed + i] * 2)
+                                       ColorizeOptions(size=(width, height), steps=steps, plugin=plugin),
+                                       seeds=[seed + i] * 2)
         reach = tolerance if tolerance is not None else max(1, round(min(height, width) / 128))
         sketch_lines = drawing < 128
         for output, scores in zip(outputs, (misaligned_scores, aligned_scores)):
             output_lines = CLASSIC_EXTRACTORS[extractor](np.asarray(output)) < 128
             scores.append(line_f_score(output_lines, sketch_lines, reach))
+    timesteps = tuple(int(t) for t in timesteps)
+    if not misaligned_scores:
+        why = "; ".join(f"{count} of {len(rows)} rows {reason}" for reason, count in skipped.items())
+        return EntanglementResult(math.nan, {}, math.nan, math.nan, pairs=0, timesteps=timesteps, line_extractors=[],
+                                  plugin=plugin, skipped=skipped,
+                                  degenerate=f"no proper pair to measure: {why}; give at least 2 distinct rows")
     layers = {name: float(np.mean(values)) for name, values in per_layer.items()}
     return EntanglementResult(
         gram_distance=float(np.mean(list(layers.values()))), gram_distance_per_layer=layers,
         line_agreement=float(np.mean(misaligned_scores)), line_agreement_aligned=float(np.mean(aligned_scores)),
-        pairs=len(rows), timesteps=tuple(int(t) for t in timesteps), line_extractors=sorted(set(used)))
+        pairs=len(misaligned_scores), timesteps=timesteps, line_extractors=sorted(set(used)), plugin=plugin,
+        skipped=skipped)
