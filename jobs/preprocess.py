@@ -24,6 +24,7 @@ from model.colorizer import read_config  # noqa: E402
 from model.config import PRESETS, preset_name  # noqa: E402
 from model.line_art import DEFAULT_EXTRACTORS  # noqa: E402
 from pipelines.data.ray_stream import ClusterOptions, run_preprocess  # noqa: E402
+from pipelines.data.retries import RetryPolicy  # noqa: E402
 from pipelines.data.shards import DEFAULT_SHARD_SIZE, LATENT_VIEWS, PreprocessConfig  # noqa: E402
 from pipelines.training.trainer import absolute  # noqa: E402
 
@@ -58,6 +59,16 @@ def build_parser():
     p.add_argument("--max-pixels", type=int, default=PreprocessConfig.max_pixels)
     p.add_argument("--encoder-actors", type=int, default=1, help="GPU actor pool size (typically the GPU count)")
     p.add_argument("--gpus-per-encoder", type=float, default=None)
+    p.add_argument("--prepare-tasks", type=int, default=None,
+                   help="at most this many CPU prepare tasks at once, cluster-wide (default: as many as CPUs and the "
+                        "declared memory allow)")
+    p.add_argument("--prepare-memory-gb", type=float, default=None,
+                   help="memory each prepare task declares to Ray, which caps how many run per node (default: "
+                        "estimated from the preset, --shard-size and --max-pixels; about 5.7 GiB at sdxl and 512)")
+    p.add_argument("--read-attempts", type=int, default=RetryPolicy.attempts,
+                   help="tries of a read or an encoder batch that fails for a temporary reason (S3 503, reset "
+                        "connection, timeout, CUDA out of memory), with doubling waits from 1 s; a shard whose "
+                        "tries run out is left unmarked and redone by the next run")
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (partial run)")
     flags.add_ray(p)
     return p
@@ -82,7 +93,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with flags.job_errors("preprocess"):
         cfg = config_from(args)
-        options = ClusterOptions(encoder_actors=args.encoder_actors, gpus_per_encoder=args.gpus_per_encoder)
+        memory = None if args.prepare_memory_gb is None else int(args.prepare_memory_gb * 2**30)
+        options = ClusterOptions(encoder_actors=args.encoder_actors, gpus_per_encoder=args.gpus_per_encoder,
+                                 prepare_tasks=args.prepare_tasks, prepare_memory=memory,
+                                 retry=RetryPolicy(attempts=args.read_attempts))
         ray.init(address=args.ray_address, log_to_driver=True)
         try:
             manifest = run_preprocess(args.input, args.out, cfg, options, kind=args.input_kind,

@@ -116,10 +116,11 @@ def local_ray():
 
 
 def test_ray_run_writes_every_shard_then_a_rerun_writes_nothing(workspace, config, local_ray, tmp_path):
-    from pipelines.data.ray_stream import run_preprocess
+    from pipelines.data.ray_stream import ClusterOptions, run_preprocess
 
     output = str(tmp_path / "dataset")
-    manifest = run_preprocess(str(workspace["corpus"]), output, config)
+    options = ClusterOptions(prepare_tasks=1)  # a capped task pool and the declared memory, on a real Ray
+    manifest = run_preprocess(str(workspace["corpus"]), output, config, options)
     assert manifest["complete"] and manifest["inputs"] == 10 + workspace["bad"]
     assert manifest["rows"] == 10 and manifest["errors"] == workspace["bad"]
     assert sum(manifest["buckets"].values()) == 10
@@ -508,3 +509,28 @@ def test_the_default_shard_is_about_a_gigabyte_at_sdxl_and_the_flag_agrees(works
     assert (row["width"], row["height"]) == (128, 128) == max(buckets_for(tiny()), key=lambda b: b[0] * b[1])
     tensors = sum(len(row[k]) for k in ("latents", "tagger_tokens", "clip_tokens"))
     assert tensors == stored_bytes_per_image("tiny") - ENCODED_IMAGE_BYTES
+
+
+def test_prepared_shards_carry_lossless_png_not_raw_pixels_and_declare_their_memory(workspace, config):
+    """Issue 18.3: raw RGB was 95% of a prepared shard. The PNG cells give back exactly the crop and the
+    stretched source; the memory a prepare task declares grows with what it holds."""
+    from model.geometry import crop_to_bucket, resize
+    from model.image_io import decode_image
+    from pipelines.data.ray_stream import prepare_memory_bytes, prepared_bytes_per_image
+    from pipelines.data.shards import PIXEL_COLUMNS, prepare_shard
+    from pipelines.data.tensor_cells import image_from_cell
+
+    items = [it for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/")][:3]
+    table = prepare_shard(0, items, config)
+    assert not [c for c in table.column_names if "pixels" in c]
+    for item, row in zip(items, table.to_pylist()):
+        source = decode_image((workspace["corpus"] / item.source).read_bytes())
+        bucket = (row["width"], row["height"])
+        np.testing.assert_array_equal(image_from_cell(row["target_png"]), crop_to_bucket(source, bucket))
+        np.testing.assert_array_equal(image_from_cell(row["reference_png"]), resize(source, *bucket))
+        assert sum(len(row[c]) for c in PIXEL_COLUMNS) < 2 * 3 * row["width"] * row["height"]
+    big = PreprocessConfig(preset="sdxl", shard_size=512)
+    assert prepared_bytes_per_image("sdxl") < 0.7 * 6.5e6  # the raw-pixel shard held 6.5 MB per image
+    assert prepare_memory_bytes(big) - prepare_memory_bytes(PreprocessConfig(preset="sdxl", shard_size=256)) == (
+        2 * 256 * prepared_bytes_per_image("sdxl"))
+    assert prepare_memory_bytes(big) < 6 * 2**30  # a 128 GiB node runs at most ~21 of them (180 before)

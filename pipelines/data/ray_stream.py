@@ -5,8 +5,13 @@
       → ShardEncoder    actor pool, GPU     neural sketches, WD/CLIP tokens, VAE latents
       → write_shard     tasks, CPU          data + errors Parquet, then the marker
 
-Each row is one shard (its prepared table travels as Arrow IPC bytes), so nothing is materialized: at
-any moment only the shards in flight are in the object store, and every file is written by a worker.
+Each row is one shard (its prepared table travels as Arrow IPC bytes, the pixels in it as lossless PNG), so
+nothing is materialized: at any moment only the shards in flight are in the object store, and every file is
+written by a worker. Every task declares the memory it holds (:func:`prepare_memory_bytes`,
+:func:`write_memory_bytes`, :func:`encoder_memory_bytes`), so Ray places no more of them on a node than its
+memory allows; ``ClusterOptions.prepare_tasks`` caps the prepare tasks cluster-wide besides. A shard whose
+temporary failures outlive their retries (:mod:`pipelines.data.retries`) passes the stages as ``deferred``:
+nothing is written for it, and the next run does it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from dataclasses import dataclass
 import ray
 
 from pipelines.data.layout import check_config, completed_shards, load_or_create_plan, write_manifest
-from pipelines.data.shards import PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard, table_to_bytes, write_shard
+from model.config import get_preset
+from model.geometry import buckets_for
+from pipelines.data.shards import (ENCODED_IMAGE_BYTES, PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard,
+                                   stored_bytes_per_image, table_to_bytes, write_shard)
 from pipelines.data.corpus import InputItem
 from pipelines.data.retries import RetryPolicy, TransientFailure
 
@@ -31,6 +39,8 @@ class ClusterOptions:
     gpus_per_encoder: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_prepare: float = 1.0
     cpus_per_encoder: float = 1.0
+    prepare_tasks: int | None = None  # at most this many prepare tasks at once, cluster-wide (None: no cap but memory)
+    prepare_memory: int | None = None  # bytes declared per prepare task (None: prepare_memory_bytes(cfg))
     retry: RetryPolicy = RetryPolicy()  # temporary failures (reads, CUDA out of memory): tries and backoff
 
 
@@ -53,6 +63,32 @@ def encoder_memory_bytes(preset: str) -> int:
         model = Colorizer(get_preset(preset))
     frozen = sum(p.numel() for name in ("tagger", "clip", "vae") for p in getattr(model, name).parameters())
     return ACTOR_PROCESS_BYTES + 2 * 4 * frozen
+
+
+# A prepared image's two lossless PNG cells at most this fraction of its raw RGB: 0.02 on flat colour, 0.58
+# on grain-like noise (level-1 PNG of a one-megapixel textured illustration, measured).
+PNG_RATIO_BOUND = 0.6
+
+
+def prepared_bytes_per_image(preset: str) -> int:
+    """Upper estimate of one input in a prepared shard at the preset's largest bucket: the encoded images
+    plus the target and reference as PNG (:data:`PNG_RATIO_BOUND` of their raw RGB)."""
+    pixels = max(w * h for w, h in buckets_for(get_preset(preset)))
+    return ENCODED_IMAGE_BYTES + int(2 * 3 * pixels * PNG_RATIO_BOUND)
+
+
+def prepare_memory_bytes(cfg: PreprocessConfig) -> int:
+    """Host memory one prepare task declares, so that Ray places no more of them on a node than it holds
+    (before, nothing capped them: up to 180 per pod at 6 GB each). The process itself, four working copies
+    of the largest source it may decode (``max_pixels`` RGB: decoded, converted, resized, the sketches'
+    intermediates), and the prepared shard twice (its Arrow table, then the IPC bytes it leaves as)."""
+    return (ACTOR_PROCESS_BYTES + 4 * 3 * cfg.max_pixels
+            + 2 * cfg.shard_size * prepared_bytes_per_image(cfg.preset))
+
+
+def write_memory_bytes(cfg: PreprocessConfig) -> int:
+    """A write task holds the encoded shard and its Parquet bytes."""
+    return ACTOR_PROCESS_BYTES + 2 * cfg.shard_size * stored_bytes_per_image(cfg.preset, cfg.latent_views)
 
 
 def _items_json(items: list[InputItem]) -> str:
@@ -129,14 +165,18 @@ def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: 
             [{"shard": k, "items": _items_json(plan.shards[k])} for k in pending],
             override_num_blocks=len(pending),
         )
-        prepared = shards.map_batches(_prepare, fn_kwargs={"cfg": cfg, "retry": options.retry}, batch_size=1,
-                                      num_cpus=options.cpus_per_prepare)
+        prepared = shards.map_batches(
+            _prepare, fn_kwargs={"cfg": cfg, "retry": options.retry}, batch_size=1, num_cpus=options.cpus_per_prepare,
+            memory=options.prepare_memory or prepare_memory_bytes(cfg),
+            compute=ray.data.TaskPoolStrategy(size=options.prepare_tasks),
+        )
         encoded = prepared.map_batches(
             _EncoderActor, fn_constructor_kwargs={"cfg": cfg, "retry": options.retry}, batch_size=1,
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, options.encoder_actors)),
             num_gpus=gpus, num_cpus=options.cpus_per_encoder, memory=encoder_memory_bytes(cfg.preset),
         )
-        written = encoded.map_batches(_write, fn_kwargs={"output": output}, batch_size=1, num_cpus=0.5)
+        written = encoded.map_batches(_write, fn_kwargs={"output": output}, batch_size=1, num_cpus=0.5,
+                                      memory=write_memory_bytes(cfg))
         deferred = 0
         for row in written.iter_rows():
             if row["deferred"]:
