@@ -14,6 +14,12 @@ Data actors (one GPU each with --gpu) color and measure the batches (pipelines/e
 the driver computes the aggregates (FID needs every feature). Small runs (--local, or at most
 --local-below samples) run the same functions in this process. The table is printed and written to
 <out>/metrics.md and metrics.json.
+
+Per-sample scores and FID features are written to <out>/samples/part-*.parquet as they arrive (a part per
+--part-size samples); rerunning the same command after a kill or preemption evaluates only the samples
+not there yet, and the report is computed from the parts (pipelines/evaluation/results.py). The stage-2
+plug-in is off unless --plugin (the paper scores Table 1 without it); the report says which. A CLIP
+checkpoint trained with QuickGELU is detected from its name and metadata (--clip-activation overrides).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
 from jobs import flags  # noqa: E402
+from model.colorizer import read_config  # noqa: E402
+from pipelines.evaluation.metrics import CLIP_ACTIVATIONS  # noqa: E402
 from pipelines.evaluation.mlflow_report import log_to_mlflow  # noqa: E402
 from pipelines.evaluation.protocol import EvaluationConfig, evaluate  # noqa: E402
 from pipelines.training.tracking import tracking_uri_for  # noqa: E402
@@ -39,6 +47,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sketch-extractor", default=None, help="stored sketch variant (default: random per row)")
     p.add_argument("--clip-heads", type=int, default=None, help="attention heads of an unusual CLIP tower")
+    p.add_argument("--clip-activation", choices=CLIP_ACTIVATIONS, default="auto",
+                   help="the CLIP tower's MLP activation (default: from the checkpoint's name and metadata)")
+    p.add_argument("--plugin", action="store_true",
+                   help="color with the stage-2 plug-in (off by default: the paper's Table 1 is scored without it)")
+    p.add_argument("--part-size", type=int, default=256, help="samples per results part written under <out>/samples")
     p.add_argument("--batch-size", type=int, default=4, help="rows per colorize call")
     p.add_argument("--reference-pool", type=int, default=1024, help="rows the random references come from")
     p.add_argument("--method", default=None, help="row label in the table (default: the model folder's name)")
@@ -56,7 +69,8 @@ def config_from(args) -> EvaluationConfig:
         samples=args.samples, seed=args.seed, steps=args.steps, size=args.size, sketch_extractor=args.sketch_extractor,
         fid_extractor=args.fid_extractor, inception_weights=args.inception_weights,
         clip_extractor=args.clip_extractor, clip_weights=args.clip_weights, clip_heads=args.clip_heads,
-        batch_size=args.batch_size, reference_pool=args.reference_pool, method=args.method,
+        clip_activation=args.clip_activation, plugin=args.plugin, batch_size=args.batch_size,
+        reference_pool=args.reference_pool, method=args.method,
         device=None if args.gpu or args.local else "cpu")
 
 
@@ -66,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     with flags.job_errors("evaluate"):
         config = config_from(args)
         config.choices()  # a missing extractor stops the job before any work
+        steps = read_config(args.model).sampling.steps if config.steps is None else config.steps
+        out = Path(args.out) if args.out else Path(args.model) / "eval" / config.setting(steps)
+        resumable = dict(results_dir=out / "samples", part_size=args.part_size)
         if local:
-            report = evaluate(args.model, args.data, config)
+            report = evaluate(args.model, args.data, config, **resumable)
         else:
             import ray
 
@@ -76,16 +93,18 @@ def main(argv: list[str] | None = None) -> int:
             ray.init(address=args.ray_address)
             try:
                 report = evaluate(args.model, args.data, config,
-                                  runner=ray_runner(args.workers, args.gpu, args.cpus_per_worker))
+                                  runner=ray_runner(args.workers, args.gpu, args.cpus_per_worker), **resumable)
             finally:
                 ray.shutdown()
-    out = Path(args.out) if args.out else Path(args.model) / "eval" / report.settings["setting"]
     paths = report.write(out)
     run_id = None
     if not args.no_mlflow:
         run_id = log_to_mlflow(report, args.model, tracking_uri=args.mlflow_uri, experiment=args.experiment)
     print(report.markdown())
-    print(json.dumps({"metrics": report.metrics, "files": {k: str(v) for k, v in paths.items()},
+    for warning in report.warnings:
+        print(f"evaluate: warning: {warning}", file=sys.stderr)
+    print(json.dumps({"metrics": report.metrics, "resumed_samples": report.settings["resumed_samples"],
+                      "files": {k: str(v) for k, v in paths.items()},
                       "mlflow_run": run_id, "mlflow_uri": None if args.no_mlflow else
                       tracking_uri_for(args.model, args.mlflow_uri), "local": local}))
     return 0

@@ -20,7 +20,7 @@ from pipelines.evaluation.deform import deform_reference, draw_deformation  # no
 from pipelines.data.layout import read_rows  # noqa: E402
 from pipelines.evaluation.protocol import EvaluationConfig, evaluate, plan_evaluation  # noqa: E402
 from pipelines.evaluation.metrics import (PSNR_CAP_DB, PixelMetrics, build_extractor, choose_clip_extractor,  # noqa: E402
-                               choose_fid_extractor, frechet_distance, ms_ssim_settings)
+                               choose_fid_extractor, fid_sample_warning, frechet_distance, ms_ssim_settings)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -106,6 +106,13 @@ def test_identical_images_score_the_cap_and_one_and_a_shift_scores_worse():
     more = metrics(torch.roll(images, shifts=8, dims=-1), images)
     assert (more["psnr"] < shifted["psnr"]).all() and (more["ms_ssim"] < shifted["ms_ssim"]).all()
 
+    from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure  # float32 stays close to float64
+
+    in_float64 = MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0, kernel_size=settings.kernel_size,
+                                                            betas=settings.betas, reduction="none")
+    reference = in_float64(torch.roll(images, shifts=3, dims=-1).double(), images.double())
+    torch.testing.assert_close(shifted["ms_ssim"].double(), reference, atol=1e-4, rtol=0)
+
 
 def test_inception_loads_from_its_published_format_and_fid_behaves(inception_file, tmp_path):
     extractor = build_extractor(choose_fid_extractor("inception", str(inception_file)))
@@ -130,6 +137,45 @@ def test_openclip_checkpoint_loads_with_its_shape_read_off_the_file(openclip_fil
     images = _tensor([_textured(3), _textured(4)])
     expected = original(images.float() / 255)[:, 0]
     torch.testing.assert_close(extractor(images), expected)
+
+
+def test_quickgelu_checkpoints_are_detected_and_built_with_quickgelu(openclip_file, tmp_path):
+    """The activation is not in the weights' shapes: it comes from open_clip_config.json, the name, or
+    OpenAI's keys, and the tower then computes what open_clip's quick_gelu=True tower computes."""
+    import copy
+
+    from open_clip.transformer import QuickGELU, VisionTransformer
+
+    path, original = openclip_file
+    state = torch.load(path)
+    marked = {"config": tmp_path / "hub" / "open_clip_pytorch_model.bin",
+              "name": tmp_path / "ViT-B-32-quickgelu" / "weights.bin",
+              "openai": tmp_path / "plain" / "clip.pt"}
+    for kind, file in marked.items():
+        file.parent.mkdir()
+        torch.save(state | ({"input_resolution": torch.tensor(32)} if kind == "openai" else {}), file)
+    (marked["config"].parent / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"quick_gelu": True}}))
+    cfg = original.cfg
+    quick = copy.deepcopy(original)
+    quick.visual = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
+                                     layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
+                                     output_dim=cfg.embed_dim, act_layer=QuickGELU)
+    quick.visual.load_state_dict(original.visual.state_dict())
+    images = _tensor([_textured(3), _textured(4)])
+    with torch.no_grad():
+        expected, with_gelu = quick(images.float() / 255)[:, 0], original(images.float() / 255)[:, 0]
+    assert (expected - with_gelu).abs().max() > 1e-4  # the activation matters for these weights
+    for kind, file in marked.items():
+        choice = choose_clip_extractor("openclip", str(file), heads=2)
+        assert choice.quick_gelu and "QuickGELU" in choice.label(), kind
+        torch.testing.assert_close(build_extractor(choice)(images), expected)
+
+    plain = choose_clip_extractor("openclip", str(path), heads=2)
+    assert not plain.quick_gelu and "GELU assumed" in plain.label()
+    with pytest.raises(ValueError, match="--clip-activation gelu contradicts the checkpoint.*quick_gelu=true"):
+        choose_clip_extractor("openclip", str(marked["config"]), heads=2, activation="gelu")
+    forced = choose_clip_extractor("openclip", str(path), heads=2, activation="quick_gelu")
+    assert forced.quick_gelu and "--clip-activation quick_gelu" in forced.label()
 
 
 def test_missing_extractors_stop_with_a_clear_message_unless_a_substitute_is_asked(workspace, capsys):
@@ -195,6 +241,17 @@ def test_evaluation_lands_in_mlflow_linked_to_the_training_run(workspace, cli_ru
     assert "pt_inception-2015-12-05-6726825d.pth" in markdown and "open_clip_pytorch_model.bin" in markdown
     assert "4 samples" in markdown
 
+    import torchmetrics  # every convention that moves a number is in the report
+
+    conventions = report["conventions"]
+    assert conventions["torchmetrics"] == torchmetrics.__version__
+    assert "TensorFlow-1" in conventions["fid_resize"] and "antialias=True" in conventions["fid_resize"]
+    assert "arithmetic mean of the per-image dB" in conventions["psnr"] and "float32" in conventions["ms_ssim"]
+    assert report["metrics"]["psnr"] == pytest.approx(np.mean([s["psnr"] for s in report["samples"]]))
+    assert report["settings"]["plugin"].startswith("off") and "Plug-in off" in markdown
+    assert report["warnings"] == [fid_sample_warning(4)] and "> **Warning:** FID over n=4 is biased" in markdown
+    assert fid_sample_warning(10_000) is None and "50,000" in fid_sample_warning(9_999)
+
     client = MlflowClient(tracking_uri=workspace["tracking"])
     training = workspace["training_run"]
     evaluations = client.search_runs([client.get_run(training).info.experiment_id],
@@ -206,6 +263,9 @@ def test_evaluation_lands_in_mlflow_linked_to_the_training_run(workspace, cli_ru
     assert run.data.params["fid_extractor"].startswith("Inception-v3 FID weights")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.md", "metrics.json"} <= artifacts
+    assert run.data.params["convention.torchmetrics"] == report["conventions"]["torchmetrics"]
+    assert "biased upward" in run.data.tags["colorize.eval.warnings"]
+    assert len(list((out / "samples").glob("part-*.parquet"))) == 1  # per-sample parts, for a rerun to resume
     setting = report["settings"]["setting"]
     on_training = client.get_run(training).data.metrics
     assert on_training[f"eval/{setting}/psnr"] == pytest.approx(report["metrics"]["psnr"])
@@ -260,3 +320,80 @@ def test_entanglement_is_zero_for_the_own_reference_and_finite_otherwise(workspa
     assert np.isfinite(other.gram_distance) and other.gram_distance > 0
     assert 0 <= other.line_agreement <= 1 and 0 <= other.line_agreement_aligned <= 1
     assert other.pairs == 2 and set(other.line_extractors) <= {"xdog", "blur_difference", "canny", "highpass"}
+    assert other.skipped == {} and other.degenerate is None and other.plugin is False
+
+
+def test_degenerate_entanglement_pairs_give_nan_with_a_reason_not_a_perfect_score(workspace, tiny_colorizer):
+    """One row (``--entanglement-pairs 1``) or duplicate rows would pair an image with itself: Gram distance
+    0, equal line agreements. They are left out, and with nothing left the measures are NaN."""
+    from pipelines.evaluation.entanglement import spatial_entanglement
+
+    rows = read_rows(str(workspace["dataset"]), None, ["id", "image", "sketches", "sketch_extractors"]).to_pylist()
+    one = spatial_entanglement(tiny_colorizer, rows[:1], timesteps=(500,), steps=1)
+    assert np.isnan(one.gram_distance) and np.isnan(one.line_agreement) and np.isnan(one.line_agreement_aligned)
+    assert one.pairs == 0 and "paired with itself" in one.degenerate and "at least 2 distinct rows" in one.degenerate
+    copy = {k: v for k, v in rows[0].items() if k != "id"}  # same image, no id to give it away
+    duplicates = spatial_entanglement(tiny_colorizer, [rows[0], copy], timesteps=(500,), steps=1)
+    assert np.isnan(duplicates.gram_distance) and duplicates.skipped == {
+        "paired with a copy of its own image (duplicate rows)": 2}
+    wrapped = spatial_entanglement(tiny_colorizer, rows[:2], shift=2, timesteps=(500,), steps=1)
+    assert np.isnan(wrapped.gram_distance) and "paired with itself" in wrapped.degenerate
+
+
+# ------------------------------------------------------------------------------ resume and plug-in
+@pytest.fixture(scope="module")
+def plugin_model(workspace):
+    """The tiny base model with a stage-2 plug-in (rank 2), saved as a stage-2 export is."""
+    from model.colorizer import Colorizer
+    from model.plugin import PluginConfig, attach_plugin
+
+    model = Colorizer.from_pretrained(workspace["base"])
+    attach_plugin(model, PluginConfig(lora_rank=2))
+    return model.save_pretrained(workspace["root"] / "with-plugin")
+
+
+def test_an_interrupted_evaluation_resumes_from_its_parts_with_the_plugin_off(workspace, plugin_model, tmp_path):
+    """A run killed after its first batch leaves that batch on disk; the rerun evaluates only the rest,
+    and the report comes from the parts. The plug-in is off by default and the report says so."""
+    from pipelines.evaluation.protocol import run_single_process
+    from pipelines.evaluation.results import ResultStore
+
+    config = EvaluationConfig(samples=2, steps=1, batch_size=1, fid_extractor="substitute:clip",
+                              clip_extractor="substitute:model")
+    asked: list[list[int]] = []
+
+    def preempted_after(count: int):
+        def runner(model_folder, dataset, config, plan, references):
+            asked.append([s.index for s in plan.specs])
+            for done, result in enumerate(run_single_process(model_folder, dataset, config, plan, references), 1):
+                yield result
+                if done == count:
+                    raise RuntimeError("preempted")
+        return runner
+
+    folder, dataset, parts = str(plugin_model), str(workspace["dataset"]), tmp_path / "samples"
+    with pytest.raises(RuntimeError, match="preempted"):
+        evaluate(folder, dataset, config, runner=preempted_after(1), results_dir=parts, part_size=1)
+    assert len(list(parts.glob("part-*.parquet"))) == 1 and asked == [[0, 1]]
+
+    report = evaluate(folder, dataset, config, runner=preempted_after(99), results_dir=parts, part_size=1)
+    assert asked[1] == [1] and report.settings["resumed_samples"] == 1
+    assert [s["index"] for s in report.samples] == [0, 1] and all(np.isfinite(list(report.metrics.values())))
+    assert report.settings["plugin"] == "off (Table 1's protocol), though the model has one"
+
+    again = evaluate(folder, dataset, config, runner=preempted_after(99), results_dir=parts)
+    assert len(asked) == 2 and again.metrics == report.metrics  # nothing left to do: read back, same numbers
+    with pytest.raises(ValueError, match="another evaluation plan"):
+        evaluate(folder, dataset, EvaluationConfig(**{**asdict(config), "seed": 1}), results_dir=parts)
+    assert ResultStore(parts, _fingerprint_of(parts)).done() == {0, 1}
+
+    on = evaluate(folder, dataset, EvaluationConfig(**{**asdict(config), "plugin": True, "batch_size": 2}))
+    assert on.settings["plugin"].startswith("on") and on.settings["setting"].endswith("-plugin")
+    assert [s["row_id"] for s in on.samples] == [s["row_id"] for s in report.samples]
+    assert any(abs(a["psnr"] - b["psnr"]) > 1e-3 for a, b in zip(on.samples, report.samples))
+    with pytest.raises(ValueError, match="has no plugin/ folder"):
+        evaluate(str(workspace["base"]), dataset, EvaluationConfig(**{**asdict(config), "plugin": True}))
+
+
+def _fingerprint_of(parts: Path) -> str:
+    return json.loads((parts / "plan.json").read_text())["fingerprint"]

@@ -8,6 +8,9 @@ finds it again (:mod:`pipelines.training.tracking`): by the tags ``colorize.run_
 ``colorize.stage`` from the model folder's ``training.json``. The evaluation run deliberately does not
 carry those two tags, or a resumed training would take it for its own run.
 
+The report's conventions (library versions, FID resize, averaging) become ``convention.<name>`` params, the
+plug-in's state the ``plugin`` param, and its warnings (FID at small n) the tag ``colorize.eval.warnings``.
+
 A base folder (``jobs/init_model.py``, no ``training.json``) or a training run that is not in the
 tracking store gets a standalone evaluation run.
 """
@@ -41,6 +44,8 @@ def log_to_mlflow(report: EvaluationReport, model_folder: str | Path, tracking_u
             "colorize.eval.fid_extractor": report.extractors["fid"],
             "colorize.eval.clip_extractor": report.extractors["clip"],
             "mlflow.note.content": report.markdown()}
+    if report.warnings:
+        tags["colorize.eval.warnings"] = " | ".join(report.warnings)[:5000]
     if training_run:
         tags |= {EVALUATES_TAG: training_run, "mlflow.parentRunId": training_run}
     elif record:
@@ -49,7 +54,8 @@ def log_to_mlflow(report: EvaluationReport, model_folder: str | Path, tracking_u
     run_id = run.info.run_id
     now = int(time.time() * 1000)
     params = {k: str(v)[:500] for k, v in report.settings.items()}
-    params |= {"fid_extractor": report.extractors["fid"], "clip_extractor": report.extractors["clip"]}
+    params |= {"fid_extractor": report.extractors["fid"][:500], "clip_extractor": report.extractors["clip"][:500]}
+    params |= {f"convention.{k}": v[:500] for k, v in report.conventions.items()}
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in report.metrics.items()],
                      params=[Param(k, v) for k, v in params.items()])
     client.log_text(run_id, report.markdown(), "metrics.md")

@@ -11,13 +11,20 @@ Everything random (rows, references, sketch variants, deformations, noise seeds)
 ``seed`` into an :class:`EvaluationPlan`, so a single process and any number of Ray actors, in any batch
 order, compute the same numbers. :class:`BatchEvaluator` does the work for a batch of rows (it is what the
 Ray actors of ``jobs/evaluate.py`` wrap); :func:`summarize` turns per-sample results into an
-:class:`EvaluationReport` (metrics dict, Markdown table, JSON). :func:`evaluate` is the single-process run.
+:class:`EvaluationReport` (metrics dict, Markdown table, JSON). :func:`evaluate` plans, runs (in this
+process or through a runner), and, given a results folder, writes per-sample results as they arrive and
+resumes from them (:mod:`pipelines.evaluation.results`).
+
+The plug-in is off unless asked for (``EvaluationConfig.plugin``): the paper scores Table 1 without it.
+The report records its state, every convention that moves a number (:func:`metrics.conventions`), and a
+warning when FID comes from too few samples to compare with the paper's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,12 +46,15 @@ from pipelines.evaluation.metrics import (
     choose_clip_extractor,
     choose_fid_extractor,
     clip_metric_name,
+    conventions,
     cosine,
     fid_metric_name,
+    fid_sample_warning,
     frechet_distance,
     ms_ssim_settings,
     table1_arrow,
 )
+from pipelines.evaluation.results import ResultStore, fingerprint, model_stamp
 
 PAPER_TABLE1 = {"fid": 8.28, "psnr": 28.83, "ms_ssim": 0.70, "clip_cosine": 0.912}
 ROW_COLUMNS = ["id", "image", "sketches", "width", "height"]
@@ -64,6 +74,8 @@ class EvaluationConfig:
     clip_extractor: str = "openclip"  # or "substitute:model"
     clip_weights: str | None = None
     clip_heads: int | None = None
+    clip_activation: str = "auto"  # the OpenCLIP tower's MLP activation: auto (from the checkpoint), gelu, quick_gelu
+    plugin: bool = False  # color with the stage-2 plug-in; the paper's Table 1 is scored without it
     batch_size: int = 4  # rows per colorize call (each row is colored twice in it)
     reference_pool: int = 1024  # random references come from this many random rows (held in memory)
     device: str | None = None  # None = CUDA when available
@@ -81,12 +93,21 @@ class EvaluationConfig:
         """The FID and CLIP extractors; raises before any work when one is missing and no substitute was
         asked for."""
         return (choose_fid_extractor(self.fid_extractor, self.inception_weights),
-                choose_clip_extractor(self.clip_extractor, self.clip_weights, self.clip_heads))
+                choose_clip_extractor(self.clip_extractor, self.clip_weights, self.clip_heads, self.clip_activation))
 
     def setting(self, steps: int) -> str:
         """A short name of the settings that change numbers (MLflow keys of repeated evaluations)."""
         resolution = "bucket" if self.size is None else f"{self.size[0]}x{self.size[1]}"
-        return f"{resolution}-{'all' if self.samples is None else self.samples}n-{steps}steps-seed{self.seed}"
+        plugin = "-plugin" if self.plugin else ""  # off (Table 1's way) keeps the names evaluations always had
+        return f"{resolution}-{'all' if self.samples is None else self.samples}n-{steps}steps-seed{self.seed}{plugin}"
+
+    def check_plugin(self, model_folder: str | Path) -> bool:
+        """Whether the model folder has a plug-in; raises when ``plugin`` asks for one it lacks."""
+        has_plugin = (Path(model_folder) / "plugin").is_dir()
+        if self.plugin and not has_plugin:
+            raise ValueError(f"--plugin asks for the stage-2 plug-in, but {model_folder} has no plugin/ folder "
+                             f"(a stage-2 export has one)")
+        return has_plugin
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -175,6 +196,7 @@ class BatchEvaluator:
         from model.colorizer import Colorizer
 
         fid_choice, clip_choice = config.choices()
+        config.check_plugin(model_folder)
         device, dtype = resolve_device(config.device)
         self.config = config
         self.model = Colorizer.from_pretrained(model_folder, device=device, dtype=dtype)
@@ -209,7 +231,7 @@ class BatchEvaluator:
                 same = truth.shape[:2] == (height, width)
                 targets.append(truth if same else resize(truth, width, height))
             seeds = [specs[i].seed for i in members]
-            options = ColorizeOptions(size=(width, height), steps=self.config.steps)
+            options = ColorizeOptions(size=(width, height), steps=self.config.steps, plugin=self.config.plugin)
             outputs = self.model.colorize_batch(drawings * 2, randoms + deformed, options, seeds=seeds * 2)
             outputs = [np.asarray(o) for o in outputs]
             with_random, with_deformed = _as_batch(outputs[: len(members)]), _as_batch(outputs[len(members):])
@@ -230,20 +252,19 @@ class BatchEvaluator:
 
 
 def run_single_process(model_folder: str, dataset: str, config: EvaluationConfig, plan: EvaluationPlan,
-                       references: dict[str, bytes]) -> list[dict]:
-    """Every batch in this process, in plan order (small runs, tests, the reference for Ray runs)."""
+                       references: dict[str, bytes]) -> Iterator[dict]:
+    """Every batch in this process, in plan order (small runs, tests, the reference for Ray runs); yields
+    each result as its batch finishes."""
     evaluator = BatchEvaluator(model_folder, config, plan.min_side, references)
     table = read_rows(dataset, [s.row_id for s in plan.specs], ROW_COLUMNS)
     rows = {}
     for row in table.to_pylist():
         rows.setdefault(row["id"], row)  # identical content may appear twice; one copy is enough
-    results = []
     with progress_bar(len(plan.specs), "evaluate") as bar:
         for start in range(0, len(plan.specs), config.batch_size):
             specs = plan.specs[start: start + config.batch_size]
-            results.extend(evaluator([rows[s.row_id] for s in specs], specs, plan.sizes))
+            yield from evaluator([rows[s.row_id] for s in specs], specs, plan.sizes)
             bar.update(len(specs))
-    return results
 
 
 def progress_bar(total: int, what: str):
@@ -262,6 +283,8 @@ class EvaluationReport:
     extractors: dict[str, str]  # "fid" / "clip" → the network used
     settings: dict
     samples: list[dict] = field(default_factory=list)  # per-sample numbers (features left out)
+    conventions: dict[str, str] = field(default_factory=dict)  # what moves a number: versions, resize, averaging
+    warnings: list[str] = field(default_factory=list)  # e.g. FID at small n
 
     def markdown(self) -> str:
         """The paper's Table 1 layout; the paper's row fills only columns measured the standard way."""
@@ -282,15 +305,19 @@ class EvaluationReport:
                    f"FID: {self.extractors['fid']}, outputs after random other rows' references. "
                    f"PSNR (capped at {s['psnr_cap_db']:g} dB, data range 1), MS-SSIM ({s['ms_ssim']}) and CLIP "
                    f"(image-embedding cosine, {self.extractors['clip']}) after references deformed from the ground "
-                   f"truth. Paper: its own extractors, 50K samples at 1024².")
+                   f"truth. Plug-in {s['plugin']}. Paper: its own extractors, 50K samples at 1024², without the "
+                   f"plug-in.")
         lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(keys),
                  "| Paper (Table 1) | " + " | ".join(paper) + " |",
-                 f"| {self.method} | " + " | ".join(ours) + " |", "", f"*{caption}*"]
+                 f"| {self.method} | " + " | ".join(ours) + " |", ""]
+        lines += [f"> **Warning:** {w}" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += [f"*{caption}*", "", "Conventions:", ""] + [f"- {k}: {v}" for k, v in self.conventions.items()]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict:
         return {"method": self.method, "metrics": self.metrics, "labels": self.labels,
-                "extractors": self.extractors, "settings": self.settings, "samples": self.samples}
+                "extractors": self.extractors, "settings": self.settings, "conventions": self.conventions,
+                "warnings": self.warnings, "samples": self.samples}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         out = Path(out_dir)
@@ -301,9 +328,10 @@ class EvaluationReport:
         return paths
 
 
-def summarize(results: list[dict], plan: EvaluationPlan, config: EvaluationConfig, model_folder: str,
-              dataset: str, model_config=None) -> EvaluationReport:
-    """Per-sample results (from any path, any order, duplicates allowed) → the report."""
+def summarize(results: Iterable[dict], plan: EvaluationPlan, config: EvaluationConfig, model_folder: str,
+              dataset: str, model_config=None, resumed: int = 0) -> EvaluationReport:
+    """Per-sample results (from any path, any order, duplicates allowed) → the report; ``resumed``: how
+    many came from an earlier, interrupted run (recorded)."""
     by_index = {}
     for r in results:
         by_index.setdefault(int(r["index"]), r)
@@ -334,6 +362,7 @@ def summarize(results: list[dict], plan: EvaluationPlan, config: EvaluationConfi
         "psnr_cap_db": PSNR_CAP_DB, "ms_ssim": ms_ssim_settings(plan.min_side).description,
         "reference_pool": config.reference_pool, "setting": config.setting(steps),
         "model": str(model_folder), "dataset": str(dataset),
+        "plugin": plugin_state(config, config.check_plugin(model_folder)), "resumed_samples": resumed,
     }
     samples = [{k: v for k, v in r.items() if not k.startswith("fid_")} for r in ordered]
     for sample in samples:
@@ -341,17 +370,62 @@ def summarize(results: list[dict], plan: EvaluationPlan, config: EvaluationConfi
             sample[key] = float(sample[key])
     if not all(math.isfinite(v) for v in metrics.values()):
         raise RuntimeError(f"an aggregate is not finite: {metrics}")
+    warning = fid_sample_warning(len(ordered))
     return EvaluationReport(
         method=config.method or Path(model_folder).name, metrics=metrics,
         labels={fid_key: fid_label, "psnr": "PSNR", "ms_ssim": "MS-SSIM", clip_key: clip_label},
-        extractors={"fid": fid_choice.label(), "clip": clip_choice.label()}, settings=settings, samples=samples)
+        extractors={"fid": fid_choice.label(), "clip": clip_choice.label()}, settings=settings, samples=samples,
+        conventions=conventions(fid_choice, clip_choice, ms_ssim_settings(plan.min_side)),
+        warnings=[warning] if warning else [])
 
 
-def evaluate(model_folder: str, dataset: str, config: EvaluationConfig, runner=None) -> EvaluationReport:
+def plugin_state(config: EvaluationConfig, model_has_plugin: bool) -> str:
+    """The plug-in's state as the report states it."""
+    if config.plugin:
+        return "on (asked for; the paper's Table 1 is scored without it)"
+    return "off (Table 1's protocol)" + (", though the model has one" if model_has_plugin else "")
+
+
+def plan_fingerprint(model_folder: str, dataset: str, config: EvaluationConfig, plan: EvaluationPlan) -> str:
+    """What a results folder must match to be resumed: settings that change numbers, the drawn samples,
+    the extractors and library versions, the model's weight files. Batch size, device and label do not
+    enter (results do not depend on how they were batched)."""
+    fid_choice, clip_choice = config.choices()
+    settings = {k: v for k, v in asdict(config).items() if k not in ("batch_size", "device", "method")}
+    versions = {k: v for k, v in conventions(fid_choice, clip_choice, ms_ssim_settings(plan.min_side)).items()
+                if k in ("torchmetrics", "torch", "open_clip")}
+    return fingerprint({"settings": settings, "steps": read_config(model_folder).sampling.steps,
+                        "extractors": [fid_choice.label(), clip_choice.label()], "versions": versions,
+                        "model": str(Path(model_folder).resolve()), "model_weights": model_stamp(model_folder),
+                        "dataset": str(dataset), "specs": [s.to_json() for s in plan.specs],
+                        "sizes": sorted((k, list(v)) for k, v in plan.sizes.items())})
+
+
+def evaluate(model_folder: str, dataset: str, config: EvaluationConfig, runner=None,
+             results_dir: str | Path | None = None, part_size: int = 256) -> EvaluationReport:
     """Plan, run (``runner``, default :func:`run_single_process`; ``jobs/evaluate.py`` passes its Ray Data
-    runner, same signature), summarize."""
+    runner, same signature: it yields per-sample results), summarize.
+
+    With ``results_dir`` the results are written there as they arrive (a part every ``part_size``), a rerun
+    evaluates only the samples not there yet, and the report is computed from what was written; without
+    it they stay in memory."""
     config.choices()  # a missing extractor fails here, before any model is loaded
+    config.check_plugin(model_folder)
     plan = plan_evaluation(dataset, config)
-    references = reference_images(dataset, plan)
-    results = (runner or run_single_process)(str(model_folder), str(dataset), config, plan, references)
-    return summarize(results, plan, config, str(model_folder), str(dataset))
+    store, done = None, set()
+    if results_dir is not None:
+        store = ResultStore(results_dir, plan_fingerprint(str(model_folder), str(dataset), config, plan), part_size)
+        done = store.done()
+    pending = EvaluationPlan([s for s in plan.specs if s.index not in done], plan.sizes, plan.sketch_extractors)
+    results: list[dict] = []
+    if pending.specs:
+        references = reference_images(dataset, pending)
+        try:
+            for result in (runner or run_single_process)(str(model_folder), str(dataset), config, pending, references):
+                (store.add if store else results.append)(result)
+        finally:
+            if store:
+                store.flush()  # what finished before a failure is kept for the rerun
+    if store:
+        results = store.read()
+    return summarize(results, plan, config, str(model_folder), str(dataset), resumed=len(done))

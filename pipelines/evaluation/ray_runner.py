@@ -2,12 +2,14 @@
 
 Each actor holds one :class:`BatchEvaluator` (the model and the metric networks, one GPU with ``gpu``)
 and colors and measures the planned rows it is sent; only planned rows travel to the actors. The driver
-gathers the per-sample results and computes the aggregates (FID needs every feature).
+receives the per-sample results as they stream out (so :func:`pipelines.evaluation.protocol.evaluate` writes
+them as they come) and computes the aggregates (FID needs every feature).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -48,7 +50,7 @@ def ray_runner(workers: int, gpu: bool, cpus_per_worker: float):
     ``workers`` Ray Data actors; Ray must already be initialized."""
 
     def run(model_folder: str, dataset: str, config: EvaluationConfig, plan: EvaluationPlan,
-            references: dict[str, bytes]) -> list[dict]:
+            references: dict[str, bytes]) -> Iterator[dict]:
         planned = pa.array(sorted({s.row_id for s in plan.specs}), pa.string())
         rows = ray.data.read_parquet(shard_paths(dataset), columns=ROW_COLUMNS)
         rows = rows.map_batches(lambda batch: batch.filter(pc.is_in(batch["id"], value_set=planned)),
@@ -59,12 +61,10 @@ def ray_runner(workers: int, gpu: bool, cpus_per_worker: float):
                                        specs=[s.to_json() for s in plan.specs], sizes=plan.sizes,
                                        min_side=plan.min_side, references_ref=[ray.put(references)]),
             compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if gpu else 0, num_cpus=cpus_per_worker)
-        out = []
         for row in tqdm(results.iter_rows(), total=len(plan.specs), desc="evaluate", unit="sample",
                         dynamic_ncols=True, mininterval=2.0):
-            out.append({"index": int(row["index"]), "psnr": float(row["psnr"]), "ms_ssim": float(row["ms_ssim"]),
-                        "clip_cosine": float(row["clip_cosine"]), "fid_real": np.asarray(row["fid_real"]),
-                        "fid_fake": np.asarray(row["fid_fake"]), **json.loads(row["meta"])})
-        return out
+            yield {"index": int(row["index"]), "psnr": float(row["psnr"]), "ms_ssim": float(row["ms_ssim"]),
+                   "clip_cosine": float(row["clip_cosine"]), "fid_real": np.asarray(row["fid_real"]),
+                   "fid_fake": np.asarray(row["fid_fake"]), **json.loads(row["meta"])}
 
     return run
