@@ -374,10 +374,8 @@ class FlakyMemoryFileSystem(MemoryFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         path = self._strip_protocol(path)
-        if "r" not in mode:
-            return super()._open(path, mode, **kwargs)
         self.opens[path] = self.opens.get(path, 0) + 1
-        if self.failures.get(path, 0) > 0:
+        if self.failures.get(path, 0) > 0:  # reads and writes alike
             self.failures[path] -= 1
             import errno
 
@@ -401,6 +399,7 @@ def flaky_corpus(request):
     fs.pipe(f"{folder}/corrupt.png", png.getvalue()[:200])
     items = list_inputs(f"flakymem://{folder}").items
     assert [it.source for it in items] == ["corrupt.png", "good.png"]
+    FlakyMemoryFileSystem.opens.clear()  # count only what the stages open
     return items, {"good": f"{folder}/good.png", "corrupt": f"{folder}/corrupt.png"}
 
 
@@ -419,7 +418,8 @@ def test_a_read_that_fails_twice_is_retried_and_a_corrupt_image_still_is_an_erro
 
 def test_spent_retries_leave_the_shard_unmarked_for_the_next_run(flaky_corpus, tmp_path):
     """The Ray stages as plain functions: the shard travels on as deferred, no file is written for it, and
-    a rerun (the 503s over) records the good image as data and the corrupt one as an error."""
+    a rerun (the 503s over) records the good image as data and the corrupt one as an error; a write that
+    meets a 503 is retried too."""
     from pipelines.data.ray_stream import _items_json, _prepare, _write
 
     items, paths = flaky_corpus
@@ -435,6 +435,20 @@ def test_spent_retries_leave_the_shard_unmarked_for_the_next_run(flaky_corpus, t
     assert again["deferred"] == [""]
     errors = pa.ipc.open_stream(again["table"][0]).read_all().to_pylist()
     assert [r["source"] for r in errors if r["error"]] == ["corrupt.png"]
+    # the writes meet a 503 too: a shard of the corrupt input alone (all error rows, so no encoder needed)
+    # has its marker's first write fail; it is retried and the shard is done
+    from pipelines.data.shards import encoded_schema, table_to_bytes
+
+    only_bad = _prepare({"shard": [8], "items": [_items_json(items[:1])]}, cfg, FAST_RETRIES)
+    rows = pa.ipc.open_stream(only_bad["table"][0]).read_all().drop_columns(["target_png", "reference_png"])
+    only_bad["table"] = [table_to_bytes(pa.Table.from_pylist(rows.to_pylist(), schema=encoded_schema()))]
+    output = paths["good"].rsplit("/", 1)[0] + "/dataset"
+    marker_tmp = f"{output}/markers/shard-00008.json.tmp"
+    FlakyMemoryFileSystem.failures[marker_tmp] = 1
+    done = _write(only_bad, f"flakymem://{output}", FAST_RETRIES)
+    assert done["deferred"] == [""] and done["rows"] == [0] and done["errors"] == [1]
+    assert FlakyMemoryFileSystem.opens[marker_tmp] == 2
+    assert list(completed_shards(f"flakymem://{output}")) == [8]
 
 
 def test_temporary_failures_are_told_apart_from_bad_inputs():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import ray
 
@@ -28,7 +29,7 @@ from model.geometry import buckets_for
 from pipelines.data.shards import (ENCODED_IMAGE_BYTES, PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard,
                                    stored_bytes_per_image, table_to_bytes, write_shard)
 from pipelines.data.corpus import InputItem
-from pipelines.data.retries import RetryPolicy, TransientFailure
+from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries
 
 
 @dataclass(frozen=True)
@@ -128,11 +129,18 @@ class _EncoderActor(ShardEncoder):
         return out
 
 
-def _write(batch: dict, output: str) -> dict:
+def _write(batch: dict, output: str, retry: RetryPolicy = RetryPolicy()) -> dict:
+    """Writes each shard (its files are rewritten whole on a retry, the marker last); one whose writes keep
+    failing for a temporary reason stays unmarked."""
     out = {"shard": [], "rows": [], "errors": [], "inputs": [], "deferred": []}
     for shard, table, inputs, deferred in zip(batch["shard"], batch["table"], batch["inputs"], batch["deferred"]):
-        marker = {"rows": 0, "errors": 0} if deferred else write_shard(output, int(shard), bytes_to_table(table),
-                                                                       int(inputs))
+        marker = {"rows": 0, "errors": 0}
+        if not deferred:
+            write = partial(write_shard, output, int(shard), bytes_to_table(table), int(inputs))
+            try:
+                marker = call_with_retries(write, retry, f"writing shard {int(shard)}")
+            except TransientFailure as err:
+                deferred = str(err)
         for key, value in (("shard", int(shard)), ("rows", marker["rows"]), ("errors", marker["errors"]),
                            ("inputs", int(inputs)), ("deferred", str(deferred))):
             out[key].append(value)
@@ -175,7 +183,8 @@ def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: 
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, options.encoder_actors)),
             num_gpus=gpus, num_cpus=options.cpus_per_encoder, memory=encoder_memory_bytes(cfg.preset),
         )
-        written = encoded.map_batches(_write, fn_kwargs={"output": output}, batch_size=1, num_cpus=0.5,
+        written = encoded.map_batches(_write, fn_kwargs={"output": output, "retry": options.retry}, batch_size=1,
+                                      num_cpus=0.5,
                                       memory=write_memory_bytes(cfg))
         deferred = 0
         for row in written.iter_rows():
