@@ -153,7 +153,9 @@ def measure_rung(settings: AblationSettings, name: str, config: EvaluationConfig
                  tracking: str) -> RungResult:
     """Table 1 metrics and the entanglement measures of one rung's export, logged to MLflow."""
     export = settings.export(name)
-    report = evaluate(export, settings.eval_data, replace(config, method=name), runner=runner)
+    # Table 1 is scored without the plug-in (evaluate's default); the plug-in rung is the one measured with it
+    with_plugin = rung(name).stage == "plugin"
+    report = evaluate(export, settings.eval_data, replace(config, method=name, plugin=with_plugin), runner=runner)
     report.write(Path(settings.out) / "eval" / name)
     evaluation_run = log_to_mlflow(report, export, tracking_uri=tracking, experiment=settings.experiment)
 
@@ -177,6 +179,9 @@ def run_ablation(settings: AblationSettings, evaluation: EvaluationConfig, resou
     """Train, then measure, every chosen rung (Ray must already be initialized); write and return the
     table. ``runner`` spreads the evaluation over Ray Data actors (None: in this process)."""
     names = settings.rung_names()
+    if entanglement_pairs < 2:
+        raise ValueError(f"--entanglement-pairs {entanglement_pairs}: the measures need at least 2 pairs "
+                         "(each sketch is paired with another image's reference)")
     evaluation.choices()  # a missing extractor stops the ablation before any training
     for name in names:  # and so does training data without what a rung's stage reads
         check_dataset_for(rung(name).stage, finished_manifest(settings.data), settings.data)
