@@ -49,6 +49,9 @@ def test_a_plugin_rung_on_data_without_the_background_view_stops_before_any_trai
     with pytest.raises(ValueError, match="--latent-views target;.*target,background"):
         run_ablation(settings, evaluation, WorkerResources(), tracking="sqlite:///unused.db",
                      storage=str(tmp_path / "runs"), batch_size=2)
+    with pytest.raises(ValueError, match="--entanglement-pairs 1: the measures need at least 2 pairs"):
+        run_ablation(settings, evaluation, WorkerResources(), tracking="sqlite:///unused.db",
+                     storage=str(tmp_path / "runs"), batch_size=2, entanglement_pairs=1)
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
