@@ -548,3 +548,20 @@ def test_prepared_shards_carry_lossless_png_not_raw_pixels_and_declare_their_mem
     assert prepare_memory_bytes(big) - prepare_memory_bytes(PreprocessConfig(preset="sdxl", shard_size=256)) == (
         2 * 256 * prepared_bytes_per_image("sdxl"))
     assert prepare_memory_bytes(big) < 6 * 2**30  # a 128 GiB node runs at most ~21 of them (180 before)
+
+
+def test_a_shard_is_read_one_file_at_a_time_and_prepared_in_batches(workspace, config, flaky_corpus):
+    """The prepare task never holds a shard's files all at once, nor its rows three times over: files are
+    read as they are prepared, and the IPC bytes are written batch by batch with the same content."""
+    from pipelines.data.corpus import iter_shard_bytes
+    from pipelines.data.shards import PREPARE_BATCH_ROWS, bytes_to_table, prepare_shard, prepare_shard_bytes
+
+    items, paths = flaky_corpus
+    reads = iter_shard_bytes(items)
+    next(reads)
+    assert FlakyMemoryFileSystem.opens == {paths["corrupt"]: 1}  # the second file is not open yet
+    corpus = [it for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/")]
+    shard = (corpus * 2)[:PREPARE_BATCH_ROWS + 2]  # two batches
+    streamed = bytes_to_table(prepare_shard_bytes(3, shard, config))
+    assert streamed.equals(prepare_shard(3, shard, config)) and streamed.num_rows == len(shard)
+    assert streamed.column("shard").to_pylist() == [3] * len(shard)

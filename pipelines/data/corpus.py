@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -22,7 +23,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries
+from pipelines.data.retries import DEFAULT_RETRIES, RetryPolicy, TransientFailure, call_with_retries
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
 ID_COLUMN_CANDIDATES = ("id", "key", "path", "filename", "file_name", "name", "url")
@@ -125,26 +126,31 @@ def shards_from_plan(table: pa.Table) -> list[list[InputItem]]:
 
 
 def read_shard_bytes(items: list[InputItem], image_column: str = "image",
-                     retry: RetryPolicy = RetryPolicy()) -> list[bytes | Exception]:
+                     retry: RetryPolicy = DEFAULT_RETRIES) -> list[bytes | Exception]:
     """The raw bytes of each input, or the exception that prevented reading it (kept per item: a missing
     or damaged file is that input's error). A temporary failure (a 503, a reset connection, a timeout) is
     retried under ``retry``; when the retries run out it raises :class:`TransientFailure` for the whole
     shard, since the input itself may be fine."""
-    results: list[bytes | Exception] = []
+    return list(iter_shard_bytes(items, image_column, retry))
+
+
+def iter_shard_bytes(items: list[InputItem], image_column: str = "image",
+                     retry: RetryPolicy = DEFAULT_RETRIES) -> Iterator[bytes | Exception]:
+    """:func:`read_shard_bytes` one input at a time, so a shard's image files are never all in memory at
+    once (the rows of a Parquet input are read per file up front, as its row groups hold them)."""
     rows = [it for it in items if it.row >= 0]
-    if rows:
-        results_by_row = _read_parquet_rows(rows, image_column, retry)
+    results_by_row = _read_parquet_rows(rows, image_column, retry) if rows else {}
     for item in items:
         if item.row >= 0:
-            results.append(results_by_row[(item.path, item.row)])
+            yield results_by_row.pop((item.path, item.row))
             continue
         try:
-            results.append(call_with_retries(partial(_read_file, item.path), retry, f"reading {item.path}"))
+            result = call_with_retries(partial(_read_file, item.path), retry, f"reading {item.path}")
         except TransientFailure:
             raise
         except Exception as err:  # noqa: BLE001 - one unreadable file must not stop its shard
-            results.append(err)
-    return results
+            result = err
+        yield result
 
 
 def _read_file(path: str) -> bytes:

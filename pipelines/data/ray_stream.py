@@ -26,10 +26,10 @@ import ray
 from pipelines.data.layout import check_config, completed_shards, load_or_create_plan, write_manifest
 from model.config import get_preset
 from model.geometry import buckets_for
-from pipelines.data.shards import (ENCODED_IMAGE_BYTES, PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard,
+from pipelines.data.shards import (ENCODED_IMAGE_BYTES, PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard_bytes,
                                    stored_bytes_per_image, table_to_bytes, write_shard)
 from pipelines.data.corpus import InputItem
-from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries
+from pipelines.data.retries import DEFAULT_RETRIES, RetryPolicy, TransientFailure, call_with_retries
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ClusterOptions:
     cpus_per_encoder: float = 1.0
     prepare_tasks: int | None = None  # at most this many prepare tasks at once, cluster-wide (None: no cap but memory)
     prepare_memory: int | None = None  # bytes declared per prepare task (None: prepare_memory_bytes(cfg))
-    retry: RetryPolicy = RetryPolicy()  # temporary failures (reads, CUDA out of memory): tries and backoff
+    retry: RetryPolicy = DEFAULT_RETRIES  # temporary failures (reads, CUDA out of memory): tries and backoff
 
 
 ACTOR_PROCESS_BYTES = 1 << 30  # the actor's own footprint (Python, torch, OpenCV): 0.63–0.65 GiB RSS measured
@@ -82,7 +82,9 @@ def prepare_memory_bytes(cfg: PreprocessConfig) -> int:
     """Host memory one prepare task declares, so that Ray places no more of them on a node than it holds
     (before, nothing capped them: up to 180 per pod at 6 GB each). The process itself, four working copies
     of the largest source it may decode (``max_pixels`` RGB: decoded, converted, resized, the sketches'
-    intermediates), and the prepared shard twice (its Arrow table, then the IPC bytes it leaves as)."""
+    intermediates), and twice the prepared shard: the peak measured 1.5 times its bytes (the IPC stream
+    grows batch by batch, plus the batch being built and the allocator's slack), 7.8 MB per textured
+    one-megapixel image against 23 MB with raw pixels and whole-shard tables."""
     return (ACTOR_PROCESS_BYTES + 4 * 3 * cfg.max_pixels
             + 2 * cfg.shard_size * prepared_bytes_per_image(cfg.preset))
 
@@ -96,7 +98,7 @@ def _items_json(items: list[InputItem]) -> str:
     return json.dumps([[it.source, it.path, it.row] for it in items])
 
 
-def _prepare(batch: dict, cfg: PreprocessConfig, retry: RetryPolicy = RetryPolicy()) -> dict:
+def _prepare(batch: dict, cfg: PreprocessConfig, retry: RetryPolicy = DEFAULT_RETRIES) -> dict:
     """A shard whose reads kept failing for a temporary reason travels on as ``deferred`` (its reason) with
     no table: no stage records anything for it, and the next run does it again."""
     out = {"shard": [], "inputs": [], "table": [], "deferred": []}
@@ -105,7 +107,7 @@ def _prepare(batch: dict, cfg: PreprocessConfig, retry: RetryPolicy = RetryPolic
         out["shard"].append(int(shard))
         out["inputs"].append(len(items))
         try:
-            out["table"].append(table_to_bytes(prepare_shard(int(shard), items, cfg, retry)))
+            out["table"].append(prepare_shard_bytes(int(shard), items, cfg, retry))
             out["deferred"].append("")
         except TransientFailure as err:
             out["table"].append(b"")
@@ -129,7 +131,7 @@ class _EncoderActor(ShardEncoder):
         return out
 
 
-def _write(batch: dict, output: str, retry: RetryPolicy = RetryPolicy()) -> dict:
+def _write(batch: dict, output: str, retry: RetryPolicy = DEFAULT_RETRIES) -> dict:
     """Writes each shard (its files are rewritten whole on a retry, the marker last); one whose writes keep
     failing for a temporary reason stays unmarked."""
     out = {"shard": [], "rows": [], "errors": [], "inputs": [], "deferred": []}

@@ -116,3 +116,6 @@ def call_with_retries(fn: Callable[[], T], policy: RetryPolicy, what: str, *,
                 on_retry(err)
             sleep(policy.delay(attempt, rng))
     raise AssertionError("unreachable")
+
+
+DEFAULT_RETRIES = RetryPolicy()

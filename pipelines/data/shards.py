@@ -23,6 +23,7 @@ import io
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -42,8 +43,8 @@ from model.geometry import buckets_for, crop_to_bucket, nearest_bucket, resize
 from model.image_io import DEFAULT_MAX_PIXELS, DecodeError, content_id, decode_image
 from model.line_art import CLASSIC_EXTRACTORS, DEFAULT_EXTRACTORS, invert
 from model.masks import reference_foreground, sketch_foreground
-from pipelines.data.corpus import InputItem, read_shard_bytes
-from pipelines.data.retries import RetryPolicy, TransientFailure, call_with_retries
+from pipelines.data.corpus import InputItem, iter_shard_bytes
+from pipelines.data.retries import DEFAULT_RETRIES, RetryPolicy, TransientFailure, call_with_retries
 from pipelines.data.layout import DATA, DATA_COLUMNS, ERROR_COLUMNS, ERRORS, MARKERS, shard_file
 from pipelines.data.tensor_cells import image_from_cell, tensor_to_bytes
 
@@ -147,27 +148,57 @@ def _error_row(ordinal: int, item: InputItem, stage: str, reason: str, image_id:
 
 
 def prepare_shard(shard: int, items: list[InputItem], cfg: PreprocessConfig,
-                  retry: RetryPolicy = RetryPolicy()) -> pa.Table:
+                  retry: RetryPolicy = DEFAULT_RETRIES) -> pa.Table:
     """CPU stage for one shard: one row per input, ``error`` set where the input failed. Reads that keep
     failing for a temporary reason raise :class:`TransientFailure` (the shard is redone, nothing recorded)."""
+    return pa.Table.from_batches(list(prepared_batches(shard, items, cfg, retry)), schema=SHARD_PREPARED_SCHEMA)
+
+
+def prepare_shard_bytes(shard: int, items: list[InputItem], cfg: PreprocessConfig,
+                        retry: RetryPolicy = DEFAULT_RETRIES) -> bytes:
+    """:func:`prepare_shard` as Arrow IPC bytes (what travels to the encoder stage), written batch by batch:
+    the task holds the shard about once, not as Python rows, then a table, then its bytes."""
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, SHARD_PREPARED_SCHEMA) as writer:
+        for batch in prepared_batches(shard, items, cfg, retry):
+            writer.write_batch(batch)
+    return sink.getvalue()
+
+
+PREPARE_BATCH_ROWS = 16  # rows turned into Arrow at a time (a few tens of MB at one megapixel)
+
+
+def prepared_batches(shard: int, items: list[InputItem], cfg: PreprocessConfig,
+                     retry: RetryPolicy = DEFAULT_RETRIES) -> Iterator[pa.RecordBatch]:
+    """The prepared rows of one shard, :data:`PREPARE_BATCH_ROWS` at a time (at least one batch)."""
     buckets = buckets_for(get_preset(cfg.preset))
-    rows = []
-    for ordinal, (item, data) in enumerate(zip(items, read_shard_bytes(items, cfg.image_column, retry))):
-        if isinstance(data, Exception):
-            rows.append(_error_row(ordinal, item, "read", f"unreadable: {type(data).__name__}: {data}"))
-            continue
-        image_id = content_id(data) if data else None
-        try:
-            rgb = decode_image(data, max_pixels=cfg.max_pixels)
-        except DecodeError as err:
-            rows.append(_error_row(ordinal, item, "decode", str(err), image_id))
-            continue
-        try:
-            rows.append(_prepare_one(ordinal, item, image_id, rgb, buckets, cfg))
-        except Exception as err:  # noqa: BLE001 - one odd image must not stop its shard
-            rows.append(_error_row(ordinal, item, "prepare", f"{type(err).__name__}: {err}", image_id))
-    table = pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)
-    return table.append_column("shard", pa.array([shard] * len(rows), pa.int32()))
+    rows, emitted = [], False
+    for ordinal, (item, data) in enumerate(zip(items, iter_shard_bytes(items, cfg.image_column, retry))):
+        rows.append(_prepare_row(ordinal, item, data, buckets, cfg))
+        del data
+        if len(rows) == PREPARE_BATCH_ROWS:
+            yield _record_batch(rows, shard)
+            rows, emitted = [], True
+    if rows or not emitted:
+        yield _record_batch(rows, shard)
+
+
+def _record_batch(rows: list[dict], shard: int) -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([{**row, "shard": shard} for row in rows], schema=SHARD_PREPARED_SCHEMA)
+
+
+def _prepare_row(ordinal: int, item: InputItem, data, buckets, cfg: PreprocessConfig) -> dict:
+    if isinstance(data, Exception):
+        return _error_row(ordinal, item, "read", f"unreadable: {type(data).__name__}: {data}")
+    image_id = content_id(data) if data else None
+    try:
+        rgb = decode_image(data, max_pixels=cfg.max_pixels)
+    except DecodeError as err:
+        return _error_row(ordinal, item, "decode", str(err), image_id)
+    try:
+        return _prepare_one(ordinal, item, image_id, rgb, buckets, cfg)
+    except Exception as err:  # noqa: BLE001 - one odd image must not stop its shard
+        return _error_row(ordinal, item, "prepare", f"{type(err).__name__}: {err}", image_id)
 
 
 def crop_fractions(source_width: int, source_height: int, bucket: tuple[int, int]) -> list[float]:
@@ -228,6 +259,7 @@ PREPARED_SCHEMA = pa.schema([
     ("sketch_mask", pa.binary()), ("reference_mask", pa.binary()), ("crop", pa.list_(pa.float32())),
     ("target_png", pa.binary()), ("reference_png", pa.binary()),
 ])
+SHARD_PREPARED_SCHEMA = PREPARED_SCHEMA.append(pa.field("shard", pa.int32()))
 
 
 # ------------------------------------------------------------------------------------- stage 2: encode
@@ -238,7 +270,7 @@ class ShardEncoder:
     mixed aspect ratios still runs in full batches on the GPU.
     """
 
-    def __init__(self, cfg: PreprocessConfig, device: str | None = None, retry: RetryPolicy = RetryPolicy()):
+    def __init__(self, cfg: PreprocessConfig, device: str | None = None, retry: RetryPolicy = DEFAULT_RETRIES):
         from model.colorizer import Colorizer
         from pipelines.data.neural_lines import NEURAL_EXTRACTORS, load_line_extractor
 
