@@ -443,11 +443,11 @@ def test_spent_retries_leave_the_shard_unmarked_for_the_next_run(flaky_corpus, t
     rows = pa.ipc.open_stream(only_bad["table"][0]).read_all().drop_columns(["target_png", "reference_png"])
     only_bad["table"] = [table_to_bytes(pa.Table.from_pylist(rows.to_pylist(), schema=encoded_schema()))]
     output = paths["good"].rsplit("/", 1)[0] + "/dataset"
-    marker_tmp = f"{output}/markers/shard-00008.json.tmp"
-    FlakyMemoryFileSystem.failures[marker_tmp] = 1
+    marker = f"{output}/markers/shard-00008.json"  # an object store: written straight, no temporary file
+    FlakyMemoryFileSystem.failures[marker] = 1
     done = _write(only_bad, f"flakymem://{output}", FAST_RETRIES)
     assert done["deferred"] == [""] and done["rows"] == [0] and done["errors"] == [1]
-    assert FlakyMemoryFileSystem.opens[marker_tmp] == 2
+    assert FlakyMemoryFileSystem.opens[marker] == 2
     assert list(completed_shards(f"flakymem://{output}")) == [8]
 
 

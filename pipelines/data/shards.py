@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import cv2
 import fsspec
@@ -47,6 +46,7 @@ from pipelines.data.corpus import InputItem, iter_shard_bytes
 from pipelines.data.retries import DEFAULT_RETRIES, RetryPolicy, TransientFailure, call_with_retries
 from pipelines.data.layout import DATA, DATA_COLUMNS, ERROR_COLUMNS, ERRORS, MARKERS, shard_file
 from pipelines.data.tensor_cells import image_from_cell, tensor_to_bytes
+from pipelines.data.writes import write_whole
 
 LATENT_VIEWS = ("target", "background")
 # ``background``: the stage-2 columns (background_latents, background_tagger_tokens, background_clip_tokens).
@@ -416,7 +416,9 @@ def encoded_schema() -> pa.Schema:
 
 # -------------------------------------------------------------------------------------- stage 3: write
 def write_shard(output: str, shard: int, encoded: pa.Table, expected_inputs: int) -> dict:
-    """Write ``data/``, ``errors/`` and finally ``markers/`` for one shard; returns the marker."""
+    """Write ``data/``, ``errors/`` and finally ``markers/`` for one shard; returns the marker. Each file is
+    written whole (:func:`pipelines.data.writes.write_whole`: straight to an object store, through a temporary
+    file and a rename elsewhere) and the marker last, so a shard killed halfway is redone, never taken as done."""
     started = time.perf_counter()
     is_error = pa.compute.invert(pa.compute.is_null(encoded.column("error")))
     errors = encoded.filter(is_error).select(list(ERROR_COLUMNS))
@@ -431,24 +433,14 @@ def write_shard(output: str, shard: int, encoded: pa.Table, expected_inputs: int
               "buckets": dict(Counter(f"{w}x{h}" for w, h in zip(data.column("width").to_pylist(),
                                                                  data.column("height").to_pylist()))),
               "write_seconds": round(time.perf_counter() - started, 3)}
-    _write_bytes(fs, shard_file(root, MARKERS, shard), json.dumps(marker, indent=1).encode())
+    write_whole(fs, shard_file(root, MARKERS, shard), json.dumps(marker, indent=1).encode())
     return marker
 
 
 def _write_table(fs, path: str, table: pa.Table) -> None:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd", row_group_size=max(1, min(64, table.num_rows)))
-    _write_bytes(fs, path, sink.getvalue())
-
-
-def _write_bytes(fs, path: str, data: bytes) -> None:
-    """Write then rename, so a killed writer never leaves a half file under the final name (on object
-    stores, where rename is a copy, the marker written last is what makes a shard count as done)."""
-    fs.makedirs(str(Path(path).parent), exist_ok=True)
-    temporary = f"{path}.tmp"
-    with fs.open(temporary, "wb") as f:
-        f.write(data)
-    fs.mv(temporary, path)
+    write_whole(fs, path, sink.getvalue())
 
 
 def process_shard(output: str, shard: int, items: list[InputItem], cfg: PreprocessConfig,
