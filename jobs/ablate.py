@@ -8,11 +8,13 @@ each the same way, and print one table with the spatial-entanglement measures.
         --clip-weights /mnt/weights/open_clip_pytorch_model.bin --mlflow-uri http://mlflow:5000
     python jobs/ablate.py --model outputs/demo/base --data outputs/demo/dataset --out outputs/ablation \\
         --train-steps 40 --plugin-train-steps 10 --workers 2 --cpus-per-worker 0.5 --batch-size 2 --samples 8 \\
-        --steps 4 --fid-extractor substitute:clip --clip-extractor substitute:model   # tiny, local Ray
+        --steps 4 --fid-extractor substitute:clip --clip-extractor substitute:model --seeds 0 1 2   # tiny, local Ray
 
-Rungs already exported under --out are not trained again (a killed ablation resumes rung by rung, and
-inside a rung from Ray Train's last checkpoint). The rungs (pipelines/experiments/ablation.py) are MLflow
-runs ``<name>-<rung>`` in --experiment; compare them with ``python jobs/compare.py --experiment <experiment>``.
+With ``--seeds 0 1 2`` the whole ladder runs once per training seed, and the table says which differences
+between rungs exceed the seed noise. Rungs already exported under --out are not trained again (a killed
+ablation resumes rung by rung, and inside a rung from Ray Train's last checkpoint). The rungs
+(pipelines/experiments/ablation.py) are MLflow runs ``<name>-<rung>-seed<k>`` in --experiment; compare
+them with ``python jobs/compare.py --experiment <experiment>``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ def build_parser():
     p.add_argument("--rungs", nargs="+", default=None, help="a subset of no-gram gram gram-plugin")
     flags.add_training(p)
     p.add_argument("--plugin-train-steps", type=int, default=250, help="optimizer steps of the plugin rung")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training seeds: the ladder runs once per seed and the table gives mean ± std over them "
+                        "(default: --seed alone; --seed stays the evaluation's seed)")
     flags.add_workers(p)
     flags.add_evaluation(p)
     p.add_argument("--entanglement-pairs", type=int, default=8, help="held-out pairs for the entanglement measures")
@@ -57,7 +62,8 @@ def settings_from(args) -> AblationSettings:
     return AblationSettings(model=absolute(args.model), data=absolute(args.data),
                             eval_data=absolute(args.eval_data or args.data), out=absolute(args.out), name=args.name,
                             experiment=args.experiment, train_steps=args.train_steps,
-                            plugin_train_steps=args.plugin_train_steps, **rungs)
+                            plugin_train_steps=args.plugin_train_steps, seeds=tuple(args.seeds or (args.seed,)),
+                            **rungs)
 
 
 def evaluation_from(args) -> EvaluationConfig:
@@ -78,11 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             results, markdown = run_ablation(
                 settings, evaluation, resources, tracking=tracking,
                 storage=absolute(args.storage or str(Path(settings.out) / "runs")), batch_size=args.batch_size,
-                lr=args.lr, seed=args.seed, entanglement_pairs=args.entanglement_pairs, runner=runner)
+                lr=args.lr, entanglement_pairs=args.entanglement_pairs, runner=runner)
         finally:
             ray.shutdown()
     print(markdown)
-    print(json.dumps({"experiment": args.experiment, "runs": {r.rung: r.training_run for r in results},
+    print(json.dumps({"experiment": args.experiment,
+                      "runs": {settings.run_name(r.rung, r.seed): r.training_run for r in results},
                       "table": str(Path(settings.out) / "ablation.md"),
                       "compare": f"python jobs/compare.py --experiment {args.experiment} --mlflow-uri {tracking}"}))
     return 0

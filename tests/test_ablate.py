@@ -24,13 +24,57 @@ def test_ladder_settings_are_checked_before_any_work(tmp_path):
         settings.rung_names()
     with pytest.raises(ValueError, match="unknown rungs"):
         AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), rungs=("big",)).rung_names()
+    with pytest.raises(ValueError, match="distinct training seeds"):
+        AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), seeds=(1, 1))
     settings = AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), train_steps=7,
-                                plugin_train_steps=3)
-    no_gram = settings.rung_config(rung("no-gram"), batch_size=2)
-    assert (no_gram.gram_weight, no_gram.steps, no_gram.model, no_gram.batch_size) == (0.0, 7, "m", 2)
-    plugin = settings.rung_config(rung("gram-plugin"))
-    assert (plugin.stage, plugin.steps, plugin.model, plugin.run_name) == (
-        "plugin", 3, str(tmp_path / "gram"), "ablation-gram-plugin")
+                                plugin_train_steps=3, seeds=(0, 5))
+    no_gram = settings.rung_config(rung("no-gram"), 5, batch_size=2)
+    assert (no_gram.gram_weight, no_gram.steps, no_gram.model, no_gram.batch_size, no_gram.seed) == (0.0, 7, "m", 2, 5)
+    plugin = settings.rung_config(rung("gram-plugin"), 5)
+    assert (plugin.stage, plugin.steps, plugin.model, plugin.run_name, plugin.export) == (
+        "plugin", 3, str(tmp_path / "seed5" / "gram"), "ablation-gram-plugin-seed5",
+        str(tmp_path / "seed5" / "gram-plugin"))
+    # a plugin-only ladder needs the gram rung of every seed already exported
+    with pytest.raises(ValueError, match="seed0/gram, .*seed5/gram"):
+        AblationSettings(model="m", data="d", eval_data="d", out=str(tmp_path), rungs=("gram-plugin",),
+                         seeds=(0, 5)).rung_names()
+
+
+def _result(rung_name: str, seed: int, psnr: float, fid: float, gram: float, lines: float):
+    from pipelines.experiments.ablation import RungResult
+
+    return RungResult(rung=rung_name, seed=seed, description=rung_name, export="", training_run=None,
+                      evaluation_run=None, metrics={"fid_substitute_model_clip": fid, "psnr": psnr},
+                      labels={"fid_substitute_model_clip": "FID (substitute)", "psnr": "PSNR"},
+                      entanglement={"gram_distance": gram, "line_agreement": lines, "line_agreement_aligned": 0.5})
+
+
+def test_the_table_gives_mean_and_spread_over_seeds_and_says_what_exceeds_the_noise():
+    from pipelines.experiments.ablation import ablation_table, separations, summarize
+
+    results = [_result("no-gram", s, psnr, 30.0 + s, 0.50 + 0.01 * s, 0.40)
+               for s, psnr in enumerate((10.0, 11.0, 12.0))]
+    results += [_result("gram", s, psnr, 31.0 - s, 0.20 + 0.01 * s, 0.40)
+                for s, psnr in enumerate((14.0, 15.0, 16.0))]
+    summary = summarize(results)
+    assert summary["no-gram"]["psnr"].mean == pytest.approx(11.0)
+    assert summary["no-gram"]["psnr"].std == pytest.approx(1.0)
+    verdicts = {v["measure"]: v for v in separations(summary)}
+    # the aligned line agreement is a baseline, with no better direction
+    assert set(verdicts) == {"fid_substitute_model_clip", "psnr", "gram_distance", "line_agreement"}
+    assert verdicts["psnr"]["separated"] and verdicts["psnr"]["better"]  # +4 dB against a spread of 1 + 1
+    assert verdicts["gram_distance"]["separated"] and verdicts["gram_distance"]["better"]  # lower is better
+    assert not verdicts["fid_substitute_model_clip"]["separated"]  # -1 against a spread of 1 + 1
+    assert verdicts["fid_substitute_model_clip"]["better"]
+    assert not verdicts["line_agreement"]["separated"]  # no change at all
+    table = ablation_table(results, "caption")
+    assert "| no-gram | no-gram | 0, 1, 2 | 31.000 ± 1.000 | 11.000 ± 1.000 |" in table
+    assert "no-gram → gram, PSNR: Δ +4.0000 (noise 2.0000): separated, better" in table
+    assert "FID (substitute)" in table and "within seed noise" in table
+
+    one_seed = ablation_table([r for r in results if r.seed == 0], "caption")
+    assert "| no-gram | no-gram | 0 | 30.000 | 10.000 |" in one_seed
+    assert "Not assessed: one training seed" in one_seed and "separated" not in one_seed
 
 
 def test_a_plugin_rung_on_data_without_the_background_view_stops_before_any_training(tmp_path):
@@ -91,7 +135,9 @@ def test_three_sibling_runs_trained_evaluated_and_measured(ablation):
     assert table in stdout
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith(("| Rung", "| ---"))]
     assert [r.split("|")[1].strip() for r in rows] == ["no-gram", "gram", "gram-plugin"]
-    results = {r["rung"]: r for r in json.loads((out / "ablation.json").read_text())}
+    saved = json.loads((out / "ablation.json").read_text())
+    results = {r["rung"]: r for r in saved["runs"]}
+    assert set(saved["summary"]) == set(results) and all(r["seed"] == 0 for r in results.values())
     for result in results.values():
         values = list(result["metrics"].values()) + [result["entanglement"][k] for k in
                                                      ("gram_distance", "line_agreement", "line_agreement_aligned")]
@@ -103,11 +149,12 @@ def test_three_sibling_runs_trained_evaluated_and_measured(ablation):
     experiment = client.get_experiment_by_name("abl")
     runs = {r.data.tags["colorize.run_name"]: r for r in client.search_runs([experiment.experiment_id])
             if "colorize.run_name" in r.data.tags}
-    assert set(runs) == {"abl-no-gram", "abl-gram", "abl-gram-plugin"}
-    assert {k: runs[k].info.run_id for k in runs} == {f"abl-{k}": v["training_run"] for k, v in results.items()}
+    assert set(runs) == {"abl-no-gram-seed0", "abl-gram-seed0", "abl-gram-plugin-seed0"}
+    assert {k: runs[k].info.run_id for k in runs} == {f"abl-{k}-seed0": v["training_run"] for k, v in results.items()}
+    runs = {name.removesuffix("-seed0"): run for name, run in runs.items()}
     assert runs["abl-no-gram"].data.params["gram_weight"] == "0.0"
     assert runs["abl-gram"].data.params["gram_weight"] == "None"  # the model config's λ
-    assert runs["abl-gram-plugin"].data.params["model"] == str(out / "gram")
+    assert runs["abl-gram-plugin"].data.params["model"] == str(out / "seed0" / "gram")
 
     def history(run, key):
         return [m.value for m in client.get_metric_history(run.info.run_id, key)]
@@ -146,8 +193,8 @@ def test_plugin_rung_trains_only_the_plugin_and_adapters(ablation):
     from pipelines.data.synthetic import synthetic_illustration
 
     out, _, _ = ablation
-    before = Colorizer.from_pretrained(out / "gram")
-    after = Colorizer.from_pretrained(out / "gram-plugin")
+    before = Colorizer.from_pretrained(out / "seed0" / "gram")
+    after = Colorizer.from_pretrained(out / "seed0" / "gram-plugin")
     assert before.plugin is None and after.plugin is not None
     old, new = before.state_dict(), after.state_dict()
     for name, tensor in old.items():
