@@ -6,7 +6,8 @@
 
 Inputs: a folder tree of images, or Parquet files with image bytes (``--image-column``) and an id/path
 column. Output layout and schema: pipelines/data/layout.py and docs in README. Reruns skip finished shards;
-a killed run resumes where it stopped. The work is pipelines/data/.
+a killed run resumes where it stopped. The corpus is listed once, at the first run, into plan.parquet;
+``--relist`` lists it again and appends new inputs as new shards. The work is pipelines/data/.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ def build_parser():
                         "connection, timeout, CUDA out of memory), with doubling waits from 1 s; a shard whose "
                         "tries run out is left unmarked and redone by the next run")
     p.add_argument("--max-shards", type=int, default=None, help="stop after this many shards (partial run)")
+    p.add_argument("--relist", action="store_true",
+                   help="list the corpus again instead of reusing the listing stored in <out>/plan.parquet at the "
+                        "first run: new inputs are appended as new shards (finished shards never change), inputs "
+                        "gone from the corpus are counted and recorded as unreadable in unfinished shards")
     flags.add_ray(p)
     return p
 
@@ -100,7 +105,7 @@ def main(argv=None) -> int:
         ray.init(address=args.ray_address, log_to_driver=True)
         try:
             manifest = run_preprocess(args.input, args.out, cfg, options, kind=args.input_kind,
-                                      id_column=args.id_column, max_shards=args.max_shards)
+                                      id_column=args.id_column, max_shards=args.max_shards, relist=args.relist)
         finally:
             ray.shutdown()
     print(json.dumps({k: manifest[k] for k in ("inputs", "rows", "errors", "shards", "shards_done", "complete")}))

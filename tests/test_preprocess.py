@@ -126,6 +126,9 @@ def test_ray_run_writes_every_shard_then_a_rerun_writes_nothing(workspace, confi
     assert sum(manifest["buckets"].values()) == 10
     assert manifest["bytes_per_image"]["latents"] > 0
     assert len(completed_shards(output)) == manifest["shards"] == 4
+    from pipelines.data.layout import read_marker_index
+
+    assert read_marker_index(output) == completed_shards(output)  # the driver indexed the markers it was sent
     assert sorted(read_all(output, ["source"]).column("source").to_pylist()) == sorted(
         it.source for it in list_inputs(str(workspace["corpus"])).items if not it.source.startswith("broken/"))
 
@@ -447,7 +450,7 @@ def test_spent_retries_leave_the_shard_unmarked_for_the_next_run(flaky_corpus, t
     FlakyMemoryFileSystem.failures[marker] = 1
     done = _write(only_bad, f"flakymem://{output}", FAST_RETRIES)
     assert done["deferred"] == [""] and done["rows"] == [0] and done["errors"] == [1]
-    assert FlakyMemoryFileSystem.opens[marker] == 2
+    assert FlakyMemoryFileSystem.opens[marker] == 2 and json.loads(done["marker"][0])["errors"] == 1
     assert list(completed_shards(f"flakymem://{output}")) == [8]
 
 

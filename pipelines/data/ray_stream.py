@@ -23,7 +23,8 @@ from functools import partial
 
 import ray
 
-from pipelines.data.layout import check_config, completed_shards, load_or_create_plan, write_manifest
+from pipelines.data.layout import (check_config, completed_shards, load_or_create_plan, write_manifest,
+                                   write_marker_index)
 from model.config import get_preset
 from model.geometry import buckets_for
 from pipelines.data.shards import (ENCODED_IMAGE_BYTES, PreprocessConfig, ShardEncoder, bytes_to_table, prepare_shard_bytes,
@@ -134,38 +135,56 @@ class _EncoderActor(ShardEncoder):
 def _write(batch: dict, output: str, retry: RetryPolicy = DEFAULT_RETRIES) -> dict:
     """Writes each shard (its files are rewritten whole on a retry, the marker last); one whose writes keep
     failing for a temporary reason stays unmarked."""
-    out = {"shard": [], "rows": [], "errors": [], "inputs": [], "deferred": []}
+    out = {"shard": [], "rows": [], "errors": [], "inputs": [], "deferred": [], "marker": []}
     for shard, table, inputs, deferred in zip(batch["shard"], batch["table"], batch["inputs"], batch["deferred"]):
-        marker = {"rows": 0, "errors": 0}
+        marker = None
         if not deferred:
             write = partial(write_shard, output, int(shard), bytes_to_table(table), int(inputs))
             try:
                 marker = call_with_retries(write, retry, f"writing shard {int(shard)}")
             except TransientFailure as err:
                 deferred = str(err)
-        for key, value in (("shard", int(shard)), ("rows", marker["rows"]), ("errors", marker["errors"]),
-                           ("inputs", int(inputs)), ("deferred", str(deferred))):
+        counts = marker or {"rows": 0, "errors": 0}
+        for key, value in (("shard", int(shard)), ("rows", counts["rows"]), ("errors", counts["errors"]),
+                           ("inputs", int(inputs)), ("deferred", str(deferred)),
+                           ("marker", json.dumps(marker) if marker else "")):
             out[key].append(value)
     return out
 
 
+# How often a long run saves its markers into the index (``markers.parquet``), so that a run after a kill
+# reads one file plus at most this long's worth of markers.
+INDEX_EVERY_SECONDS = 600.0
+
+
 def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: ClusterOptions = ClusterOptions(),
-                   *, kind: str = "auto", id_column: str | None = None, max_shards: int | None = None) -> dict:
-    """Process every unfinished shard; returns the manifest. ``max_shards`` stops early (partial runs)."""
+                   *, kind: str = "auto", id_column: str | None = None, max_shards: int | None = None,
+                   relist: bool = False) -> dict:
+    """Process every unfinished shard; returns the manifest. ``max_shards`` stops early (partial runs).
+
+    The corpus is listed at the first run only (``relist`` lists it again and appends what is new, see
+    :func:`pipelines.data.layout.load_or_create_plan`); finished shards come from one listing of the markers
+    and their index, and the markers this run writes come back through the stream, so the driver never reads
+    the markers one by one."""
     started = time.perf_counter()
     check_config(output, cfg)
-    plan = load_or_create_plan(input_uri, output, cfg, kind=kind, id_column=id_column)
-    done = completed_shards(output)
+    plan = load_or_create_plan(input_uri, output, cfg, kind=kind, id_column=id_column, relist=relist)
+    done = completed_shards(output, keep_index=True)
     pending = [k for k in range(len(plan.shards)) if k not in done]
     if max_shards is not None:
         pending = pending[:max_shards]
     total = sum(len(s) for s in plan.shards)
-    print(f"[preprocess] {total} inputs in {len(plan.shards)} shards ({plan.listing_kind}); "
+    listed = "listed now" if plan.relisted else f"listed {plan.listed_at or 'at the first run'}, --relist to list again"
+    print(f"[preprocess] {total} inputs in {len(plan.shards)} shards ({plan.listing_kind}, {listed}); "
           f"{len(done)} shards already done, {len(pending)} to process"
           + (f"; {plan.ignored} non-image files ignored" if plan.ignored else ""), flush=True)
     if plan.new_inputs:
-        print(f"[preprocess] {plan.new_inputs} inputs appeared after this dataset was planned and are not part "
-              f"of it; preprocess them into a new --out", flush=True)
+        print(f"[preprocess] the re-list found {plan.new_inputs} new inputs: appended as new shards", flush=True)
+    if plan.missing_inputs:
+        print(f"[preprocess] {plan.missing_inputs} planned inputs are gone from the corpus: finished shards keep "
+              "their rows, unfinished ones record them as unreadable", flush=True)
+
+    markers = dict(done)
 
     if pending:
         gpus = options.gpus_per_encoder
@@ -188,19 +207,24 @@ def run_preprocess(input_uri: str, output: str, cfg: PreprocessConfig, options: 
         written = encoded.map_batches(_write, fn_kwargs={"output": output, "retry": options.retry}, batch_size=1,
                                       num_cpus=0.5,
                                       memory=write_memory_bytes(cfg))
-        deferred = 0
+        deferred, indexed_at = 0, time.monotonic()
         for row in written.iter_rows():
             if row["deferred"]:
                 deferred += 1
                 print(f"[preprocess] shard {row['shard']}: left for the next run ({row['deferred']})", flush=True)
                 continue
+            markers[int(row["shard"])] = json.loads(row["marker"])
             print(f"[preprocess] shard {row['shard']}: {row['rows']} rows, {row['errors']} errors "
                   f"of {row['inputs']} inputs", flush=True)
+            if time.monotonic() - indexed_at > INDEX_EVERY_SECONDS:
+                write_marker_index(output, markers)
+                indexed_at = time.monotonic()
         if deferred:
             print(f"[preprocess] {deferred} shards met temporary failures beyond their retries and are not marked "
                   "done: run the job again to finish them", flush=True)
 
-    markers = completed_shards(output)
+    if markers.keys() != done.keys():
+        write_marker_index(output, markers)
     manifest = write_manifest(output, cfg, plan, markers)
     seconds = time.perf_counter() - started
     print(f"[preprocess] done in {seconds:.1f} s: {manifest['rows']} rows + {manifest['errors']} errors = "
