@@ -10,6 +10,11 @@
 * ``encoder_stage``: images/s of the frozen encoders (WD-Tagger, OpenCLIP, VAE encode) and of the three
   together at the preset's sizes, random init (speed does not depend on weight values).
 * ``bytes``: stored bytes per image per column at the preset's sizes, and the total for a corpus.
+* ``resubmit`` and ``shard_write`` (``--storage-only``; issue 18, points 4 and 8): what a resubmission costs
+  before it starts work (listing the corpus, finding finished shards) and what writing one shard costs, in
+  requests and seconds, the code before those points against today's, in the same run, on fsspec's
+  in-memory store (an object store's stand-in: ``--latency-ms`` per request, a listing paged by 1,000 keys
+  as S3's) and on the local disk. See :mod:`bench.storage`.
 """
 
 from __future__ import annotations
@@ -169,7 +174,17 @@ def main(argv=None) -> int:
     parser.add_argument("--corpus", type=int, default=6_000_000)
     parser.add_argument("--encoders-only", action="store_true")
     parser.add_argument("--encoder-preset", default=None, help="preset of the encoder bench (default: tiny on CPU)")
+    parser.add_argument("--storage-only", action="store_true", help="only the resubmit and shard_write benches")
+    parser.add_argument("--keys", type=int, default=100_000, help="corpus files of the storage bench")
+    parser.add_argument("--keys-per-shard", type=int, default=10, help="(10: 10,000 shards of 100,000 keys)")
+    parser.add_argument("--latency-ms", type=float, default=1.0, help="modelled round trip of one store request")
+    parser.add_argument("--stores", default="memory,local", help="comma-separated: memory, local")
     args = parser.parse_args(argv)
+    if args.storage_only:
+        from bench.storage import bench_storage
+
+        bench_storage(args, emit)
+        return 0
     bench_bytes(args, args.preset)
     if not args.encoders_only:
         bench_cpu(args, args.preset)
