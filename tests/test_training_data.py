@@ -112,7 +112,7 @@ def parquet_reader(folder):
     """``read(shards)`` with pyarrow, in the given order, as Ray Data's reader with ``preserve_order``."""
     import pyarrow.parquet as pq
 
-    def read(shards):
+    def read(shards, epoch=0):
         for shard in shards:
             yield from pq.read_table(folder / f"{shard}.parquet").to_pylist()
 
@@ -165,8 +165,44 @@ def test_a_reader_that_breaks_the_file_order_is_refused(tmp_path):
 
     write_shards(tmp_path, [2, 2, 2])
     read = parquet_reader(tmp_path)
-    stream = DataStream(lambda shards: read(list(reversed(shards))), shards=3, seed=0)
+    stream = DataStream(lambda shards, epoch: read(list(reversed(shards))), shards=3, seed=0)
     with pytest.raises(RuntimeError, match="out of the reading order"):
         list(stream.epoch_rows(0))
     with pytest.raises(ValueError, match="3 shard files cannot feed 4 workers"):
         DataStream(read, shards=3, seed=0, rank=0, world=4)
+
+
+# ------------------------------------------------------------------ decoding inside Ray Data
+@pytest.mark.slow
+def test_ray_data_decodes_the_rows_into_the_numbers_the_training_thread_decoded(tiny_dataset):
+    """The reader with the decode stage (Ray Data ``map_batches``, prefetching) hands out ready tensors
+    equal to :func:`decode_sample` on the stored rows (read here with pyarrow) with the same sketch draw,
+    in the reading order, with the position columns kept. Stage 2's fields include stage 1's."""
+    import pyarrow.parquet as pq
+    import ray
+
+    from pipelines.data.batches import DecodeSettings, columns_for, decoded_sample, sketch_variant
+    from pipelines.training.data_stream import ray_data_reader, shard_path
+
+    dataset = str(tiny_dataset / "dataset")
+    stored = [row for shard in (1, 0) for row in pq.read_table(shard_path(dataset, shard)).to_pylist()]
+    settings = DecodeSettings(stage="plugin", aesthetic_score=6.5, seed=7)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        decoded = list(ray_data_reader(dataset, columns_for("plugin"), decode=settings, prefetch_batches=2)([1, 0], 3))
+    finally:
+        ray.shutdown()
+    assert [(r["shard"], r["ordinal"]) for r in decoded] == [(r["shard"], r["ordinal"]) for r in stored]
+    assert len(decoded) == 24
+    variants = set()
+    for row, ready in zip(stored, decoded):
+        index = sketch_variant(7, 3, row["shard"], row["ordinal"], len(row["sketches"]))
+        variants.add(index)
+        expected = decode_sample(row, None, 6.5, "plugin", sketch_index=index)
+        sample = decoded_sample(ready)
+        assert sample.keys() == expected.keys() and sample["bucket"] == expected["bucket"]
+        for key in expected.keys() - {"bucket"}:
+            assert sample[key].dtype == expected[key].dtype and torch.equal(sample[key], expected[key]), key
+    assert len(variants) > 1  # the draw varies between rows
+    # and with the epoch, so every style of a row is met over the epochs
+    assert len({sketch_variant(7, epoch, 0, 0, 4) for epoch in range(20)}) == 4

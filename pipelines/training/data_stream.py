@@ -10,8 +10,8 @@ resumed run, at any worker count, reads only what that epoch has not given yet.
 
 Why not Ray Data's ``FileShuffleConfig``: its order is reseeded by an execution counter that a restart
 resets and the trainer cannot see, so no checkpoint can say where in that order training stood. Ray Data
-still does the reading (one ``read_parquet`` per worker and epoch, in order, with prefetch); the order and
-the position are plain data here, testable without Ray.
+still does the reading and the decoding (one ``read_parquet`` → ``map_batches(decode_rows)`` per worker and
+epoch, in order, with prefetch); the order and the position are plain data here, testable without Ray.
 
 Rows handed to training but still waiting in the bucket buffers at a checkpoint count as seen: at most
 ``buckets × (batch_size − 1)`` rows per worker leave the epoch unseen after a restart.
@@ -97,11 +97,11 @@ class DataPosition:
 class DataStream:
     """One worker's rows, epoch after epoch, from ``position`` on.
 
-    ``read(shards)`` yields the rows of those shard files in that order (each row a dict with at least the
-    :data:`POSITION_COLUMNS`); the loop passes :func:`ray_data_reader`. Rows leave through a shuffle buffer of
+    ``read(shards, epoch)`` yields the rows of those shard files in that order (each row a dict with at
+    least the :data:`POSITION_COLUMNS`) for epoch ``epoch``; the loop passes :func:`ray_data_reader`. Rows leave through a shuffle buffer of
     ``shuffle_buffer`` rows drawn with a seeded generator, and :attr:`position` follows them out."""
 
-    def __init__(self, read: Callable[[list[int]], Iterator[dict]], *, shards: int, seed: int, rank: int = 0,
+    def __init__(self, read: Callable[[list[int], int], Iterator[dict]], *, shards: int, seed: int, rank: int = 0,
                  world: int = 1, position: DataPosition | None = None, shuffle_buffer: int = 256):
         if shards < world:
             raise ValueError(f"{shards} shard files cannot feed {world} workers: every worker reads whole files; "
@@ -150,7 +150,7 @@ class DataStream:
                 self._done(progress, shard)
             return row
 
-        for row in self.read(files) if files else ():
+        for row in self.read(files, epoch) if files else ():
             shard, ordinal = int(row["shard"]), int(row["ordinal"])
             if shard not in place or place[shard] < read_to:
                 raise RuntimeError(f"shard {shard} arrived out of the reading order {files}: the reader must "
@@ -179,19 +179,27 @@ def shard_path(dataset: str, shard: int) -> str:
     return f"{dataset.rstrip('/')}/{DATA}/{shard_name(shard)}.parquet"
 
 
-def ray_data_reader(dataset: str, columns: list[str], batch_size: int = 64,
-                    prefetch_batches: int = 2) -> Callable[[list[int]], Iterator[dict]]:
-    """``read(shards)`` for :class:`DataStream`: Ray Data reads the files in the given order
-    (``preserve_order``), prefetching, and yields row dicts of ``columns`` plus the position columns."""
+def ray_data_reader(dataset: str, columns: list[str], batch_size: int = 16, prefetch_batches: int = 4,
+                    decode=None) -> Callable[[list[int], int], Iterator[dict]]:
+    """``read(shards, epoch)`` for :class:`DataStream`: Ray Data reads the files in the given order
+    (``preserve_order``) and yields row dicts of ``columns`` plus the position columns, ``prefetch_batches``
+    batches of ``batch_size`` rows ahead of the caller.
 
-    def read(shards: list[int]) -> Iterator[dict]:
+    With ``decode`` (:class:`pipelines.data.batches.DecodeSettings`) the rows are decoded inside Ray Data
+    by a ``map_batches`` stage (:func:`pipelines.data.batches.decode_rows`, CPU tasks), so the rows that
+    arrive hold ready tensors and decoding overlaps training; without it they arrive as stored."""
+
+    def read(shards: list[int], epoch: int) -> Iterator[dict]:
         import ray.data
 
-        from pipelines.data.batches import rows_of
+        from pipelines.data.batches import decode_rows, rows_of
 
         wanted = list(dict.fromkeys([*columns, *POSITION_COLUMNS]))
         dataset_ = ray.data.read_parquet([shard_path(dataset, s) for s in shards], columns=wanted)
         dataset_.context.execution_options.preserve_order = True
+        if decode is not None:
+            dataset_ = dataset_.map_batches(decode_rows, batch_size=batch_size, batch_format="numpy",
+                                            fn_kwargs={"settings": decode, "epoch": epoch})
         yield from rows_of(dataset_.iter_batches(batch_size=batch_size, batch_format="numpy",
                                                  prefetch_batches=prefetch_batches))
 
