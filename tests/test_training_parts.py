@@ -205,3 +205,47 @@ def test_mlflow_metrics_leave_in_batches_every_n_steps_and_every_step_keeps_its_
         tracker.close()
     with pytest.raises(ValueError, match="every must be positive"):
         Tracker(cfg, None, active=False, every=0)
+
+
+def test_checkpoints_fire_by_steps_or_by_the_clock_and_wait_for_a_running_upload():
+    """Rank 0's schedule on a fake clock: whichever cadence comes first, counted from the last checkpoint
+    of any kind; a due checkpoint waits while the previous upload runs (but the last step never does);
+    the preemption poll has its own clock."""
+    from pipelines.training.checkpointing import CheckpointPolicy, CheckpointSchedule, Decision
+
+    now = [0.0]
+    schedule = CheckpointSchedule(CheckpointPolicy(every_steps=5, every_minutes=1.0, preemption_poll_seconds=10),
+                                  total_steps=100, last_step=3, clock=lambda: now[0])
+    fired = {}
+    for step in range(4, 30):
+        now[0] += 7.0  # 7 s a step: the clock (60 s) comes first at step 12, steps (5 since) first otherwise
+        decision = schedule.decide(step, busy=step == 8)
+        if decision.checkpoint:
+            fired[step] = decision.reason
+            schedule.saved(step)
+    assert fired == {9: "steps", 14: "steps", 19: "steps", 24: "steps", 29: "steps"}  # 8 was due but busy
+
+    clock_only = CheckpointSchedule(CheckpointPolicy(every_steps=0, every_minutes=0.5, preemption_poll_seconds=0),
+                                    total_steps=10, clock=lambda: now[0])
+    decisions = []
+    for step in range(1, 11):
+        now[0] += 11.0
+        decisions.append(clock_only.decide(step, busy=True))
+        if decisions[-1].checkpoint:
+            clock_only.saved(step)
+    assert [d.checkpoint for d in decisions] == [False] * 9 + [True]  # busy throughout; the last step still saves
+    assert decisions[-1].reason == "last" and not any(d.poll_preemption for d in decisions)
+    now[0] += 29.0
+    assert not clock_only.decide(3).checkpoint
+    now[0] += 1.0
+    assert clock_only.decide(4) == Decision(True, False, "minutes")  # by the clock once idle, 30 s after the last
+    polls = [CheckpointSchedule(CheckpointPolicy(every_steps=0, preemption_poll_seconds=10), 100,
+                                clock=lambda: now[0])]
+    pattern = []
+    for _ in range(6):
+        now[0] += 4.0
+        pattern.append(polls[0].decide(1).poll_preemption)
+    assert pattern == [False, False, True, False, False, True]
+    assert Decision.decode(Decision(True, False, "minutes").encode()) == Decision(True, False, "minutes")
+    with pytest.raises(ValueError, match="must be ≥ 0"):
+        CheckpointPolicy(every_minutes=-1)
