@@ -110,7 +110,7 @@ def test_one_shard_accounts_for_every_input(workspace, config, tmp_path):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # its own, not a running one
     yield ray
     ray.shutdown()
 

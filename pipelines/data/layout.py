@@ -28,7 +28,7 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import fsspec
@@ -143,7 +143,7 @@ def load_or_create_plan(input_uri: str, output: str, cfg: PreprocessConfig, kind
             return plan
     listing = list_inputs(input_uri, image_column=cfg.image_column, id_column=id_column, kind=kind)
     facts = {"input": source, "kind": listing.kind, "ignored": listing.ignored, "inputs": len(listing.items),
-             "listed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+             "listed_at": datetime.now(UTC).isoformat(timespec="seconds")}
     if table is None:
         shards = plan_shards(listing.items, cfg.shard_size)
         _write_plan(fs, plan_path, shards, facts)
@@ -221,7 +221,8 @@ def read_marker_index(output: str) -> dict[int, dict]:
     table = _read_table(fs, f"{root}/{MARKER_INDEX_FILE}")
     if table is None:
         return {}
-    return {int(k): json.loads(m) for k, m in zip(table.column("shard").to_pylist(), table.column("marker").to_pylist())}
+    shards, markers = table.column("shard").to_pylist(), table.column("marker").to_pylist()
+    return {int(k): json.loads(m) for k, m in zip(shards, markers)}
 
 
 def write_marker_index(output: str, markers: dict[int, dict]) -> None:
