@@ -209,10 +209,12 @@ def tiny() -> ColorizerConfig:
             attention_heads=(1, 2, 4),
             layers_per_block=1,
             cross_attention_dim=64,
+            latent_channels=16,
             vector_embed_dim=32,
             norm_num_groups=8,
         ),
-        vae=VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8),
+        vae=VAEConfig(block_out_channels=(16, 32, 64, 128), layers_per_block=1, latent_channels=16, scaling_factor=0.2134,
+                      norm_num_groups=8),  # scaling: 1 / std of the shipped VAE's latents (model/assets/tiny/README.md)
         sketch_encoder=SketchEncoderConfig(stem_channels=(8, 16, 16, 32), attention_head_dim=32),
         tagger=TaggerConfig(
             image_size=64, window_size=4, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), num_tags=32
