@@ -15,7 +15,9 @@ already has ``plugin/`` trains that plug-in further. Its dataset needs the stage
 
 Rerunning with the same --run-name and --storage resumes from the last checkpoint (step count, λ
 schedule, optimizer state, data position and the MLflow run); a failed worker is restarted from it
-(--max-failures). Every epoch reads the shard files in an order drawn from --seed and the epoch, and a
+(--max-failures). Checkpoints are made every --checkpoint-every steps and/or --checkpoint-minutes, upload in
+the background, and one is made at once when Ray reports a node of the run as being preempted (a drain,
+e.g. a KubeRay pod's SIGTERM); Ray Train then restarts the run from it. Every epoch reads the shard files in an order drawn from --seed and the epoch, and a
 resume continues that epoch with the data it has not given yet. The rerun may use another --workers: the
 checkpoint is then converted to a DeepSpeed universal checkpoint and re-sharded.
 The work is pipelines/training/ (make_trainer, the loop, the stages, tracking).
@@ -48,7 +50,17 @@ def build_parser():
     flags.add_training(p)
     flags.add_workers(p)
     p.add_argument("--no-gradient-checkpointing", action="store_true")
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every this many steps (0 = by the clock only)")
+    p.add_argument("--checkpoint-minutes", type=float, default=0.0,
+                   help="checkpoint every this many minutes of wall clock, decided on rank 0 (0 = by steps only); with "
+                        "--checkpoint-every, whichever comes first")
+    p.add_argument("--sync-checkpoints", action="store_true",
+                   help="upload every checkpoint before training goes on (default: in the background, one at a time)")
+    p.add_argument("--preemption-poll-seconds", type=float, default=10.0,
+                   help="ask Ray Train this often whether a node of the run is being preempted (drained), and then "
+                        "checkpoint at once (0 = never)")
+    p.add_argument("--decode-prefetch", type=int, default=4,
+                   help="batches of 16 rows Ray Data decodes ahead of the training thread")
     p.add_argument("--sample-every", type=int, default=500, help="sample grid + Gram maps to MLflow (0 = at the end)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every this many steps")
     p.add_argument("--metrics-every", type=int, default=10,
@@ -68,7 +80,9 @@ def config_from(args) -> TrainConfig:
     return TrainConfig(
         stage=args.stage, model=args.model, dataset=args.data, export=args.out, steps=args.train_steps,
         batch_size=args.batch_size, lr=args.lr, gradient_checkpointing=not args.no_gradient_checkpointing,
-        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every, checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_async=not args.sync_checkpoints, preemption_poll_seconds=args.preemption_poll_seconds,
+        decode_prefetch_batches=args.decode_prefetch, sample_every=args.sample_every, log_every=args.log_every,
         metrics_every=args.metrics_every, seed=args.seed, plugin_rank=args.plugin_rank, gram_weight=args.gram_weight,
         mlflow_tracking_uri=tracking_uri(args.mlflow_uri), mlflow_experiment=args.experiment, run_name=args.run_name)
 

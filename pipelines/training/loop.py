@@ -3,8 +3,10 @@
 ``train_loop_per_worker`` is what ``TorchTrainer`` runs on every worker: build the trainable modules from
 a model folder, wrap them in a DeepSpeed engine (ZeRO-2; bf16 on GPUs, fp32 with gloo on CPUs), stream
 single-bucket batches from the preprocessed dataset (:mod:`pipelines.training.data_stream`: files shuffled
-per epoch, the data position saved with every checkpoint), step, and every ``checkpoint_every`` steps save
-DeepSpeed's sharded checkpoint (trainable parameters only) through ``ray.train.report``. A checkpoint saved
+per epoch, the data position saved with every checkpoint; the rows decoded by Ray Data, so the loop only
+stacks ready tensors), step, and checkpoint (:mod:`pipelines.training.checkpointing`: every
+``checkpoint_every`` steps and/or ``checkpoint_minutes``, and just in time on a preemption notice) DeepSpeed's
+sharded checkpoint (trainable parameters only) through ``ray.train.report``, uploaded in the background. A checkpoint saved
 at another worker count is converted to a DeepSpeed universal checkpoint and re-sharded on load. Rank 0
 logs to MLflow under one run that survives restarts and, at the end, exports a consolidated model folder
 that ``Colorizer`` loads.
@@ -21,7 +23,6 @@ import glob
 import hashlib
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
@@ -40,7 +41,8 @@ from model.objective import TrainingBatch
 from model.plugin import PluginConfig, attach_plugin
 from model.vae import decode_latents
 from model.visualize import figure_image, gram_figure, grid, sketch_image
-from pipelines.data.batches import BucketBatcher, columns_for, decode_sample
+from pipelines.data.batches import BucketBatcher, DecodeSettings, columns_for, decoded_sample
+from pipelines.training.checkpointing import CheckpointPolicy, CheckpointSchedule, CheckpointUploads, Decision, agree
 from pipelines.training.data_stream import DataPosition, DataStream, ray_data_reader
 from pipelines.training.progress import Progress, write_line
 from pipelines.training.stages import DEFAULT_PLUGIN_RANK, STAGES, build_stage
@@ -63,7 +65,11 @@ class TrainConfig:
     weight_decay: float = 0.01
     gradient_clipping: float = 1.0
     gradient_checkpointing: bool = True
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # steps between checkpoints (0 = by the clock only)
+    checkpoint_minutes: float = 0.0  # minutes between checkpoints (0 = by steps only); either trigger fires
+    checkpoint_async: bool = True  # upload checkpoints in the background (the last one always synchronously)
+    preemption_poll_seconds: float = 10.0  # ask Ray Train for a preemption notice this often (0 = never)
+    decode_prefetch_batches: int = 4  # decoded Ray Data batches (of 16 rows) read ahead of the training thread
     sample_every: int = 500  # sample grid + Gram heat maps to MLflow (0 = only at the end)
     log_every: int = 10  # rank 0 prints step i/N, loss, samples/s and the ETA every this many steps
     metrics_every: int = 10  # rank 0 sends the buffered per-step metrics to MLflow every this many steps
@@ -79,8 +85,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if min(self.steps, self.batch_size, self.checkpoint_every, self.shards, self.log_every, self.metrics_every) < 1:
-            raise ValueError("steps, batch_size, checkpoint_every, shards, log_every and metrics_every must be positive")
+        if min(self.steps, self.batch_size, self.shards, self.log_every, self.metrics_every) < 1:
+            raise ValueError("steps, batch_size, shards, log_every and metrics_every must be positive")
+        self.checkpoint_policy()  # refuses negative cadences
+        if self.decode_prefetch_batches < 0:
+            raise ValueError(f"decode_prefetch_batches must be ≥ 0, got {self.decode_prefetch_batches}")
+
+    def checkpoint_policy(self) -> CheckpointPolicy:
+        return CheckpointPolicy(every_steps=self.checkpoint_every, every_minutes=self.checkpoint_minutes,
+                                preemption_poll_seconds=self.preemption_poll_seconds, asynchronous=self.checkpoint_async)
 
 
 CHECKPOINT_TAG = "state"  # DeepSpeed's tag (subfolder) inside every Ray checkpoint
@@ -111,12 +124,14 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def batches_forever(rows, cfg: TrainConfig, seed: int, aesthetic_score: float):
-    """Single-bucket batches from this worker's endless row stream. The workers read their own files, so
-    their epochs need not end together: each takes the batches its rows give, and all take one per step."""
-    batcher, rng = BucketBatcher(cfg.batch_size), random.Random(seed)
+def batches_forever(rows, batch_size: int):
+    """Single-bucket batches from this worker's endless stream of rows that Ray Data has decoded already
+    (:func:`pipelines.data.batches.decode_rows`): the training thread only stacks them. The workers read
+    their own files, so their epochs need not end together: each takes the batches its rows give, and all
+    take one per step."""
+    batcher = BucketBatcher(batch_size)
     for row in rows:
-        batcher.add(decode_sample(row, rng, aesthetic_score, cfg.stage))
+        batcher.add(decoded_sample(row))
         while (batch := batcher.pop()) is not None:
             yield batch
 
@@ -210,9 +225,13 @@ def train_loop_per_worker(config: dict) -> None:
     progress = Progress(f"train {cfg.stage}", cfg.steps, every=cfg.log_every, first_step=step, active=rank == 0)
 
     score = colorizer.config.sampling.aesthetic_score if cfg.aesthetic_score is None else cfg.aesthetic_score
-    stream = DataStream(ray_data_reader(cfg.dataset, columns_for(cfg.stage)), shards=cfg.shards, seed=cfg.seed,
-                        rank=rank, world=world, position=position)
-    batches = batches_forever(stream, cfg, cfg.seed * 1000 + rank, score)
+    decode = DecodeSettings(stage=cfg.stage, aesthetic_score=score, seed=cfg.seed)
+    stream = DataStream(ray_data_reader(cfg.dataset, columns_for(cfg.stage), decode=decode,
+                                        prefetch_batches=cfg.decode_prefetch_batches),
+                        shards=cfg.shards, seed=cfg.seed, rank=rank, world=world, position=position)
+    batches = batches_forever(stream, cfg.batch_size)
+    schedule = CheckpointSchedule(cfg.checkpoint_policy(), cfg.steps, last_step=step)
+    uploads, notice_handled = CheckpointUploads(), None
     preview = None
     while step < cfg.steps:
         started = time.perf_counter()
@@ -234,9 +253,26 @@ def train_loop_per_worker(config: dict) -> None:
         progress.update(step, loss=metrics["loss"], samples_per_s=metrics["samples_per_s"])
         if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
             log_pictures(tracker, colorizer, preview, step)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        decision = agree(schedule.decide(step, busy=uploads.busy()) if rank == 0 else None, rank, device)
+        if decision.poll_preemption:
+            notice = ray.train.get_preemption_info()  # a barrier; rank 0's notice on every rank
+            if notice is not None and notice != notice_handled:
+                notice_handled = notice
+                deadline = (f"{notice.deadline_ms / 1000 - time.time():.0f}s" if notice.deadline_ms else "none given")
+                if rank == 0:
+                    write_line(f"[train] preemption notice: nodes {notice.preempted_node_ids} (ranks "
+                               f"{notice.preempted_ranks}), deadline in {deadline}: checkpoint at step {step}")
+                decision = Decision(True, True, "preemption")
+        if decision.checkpoint:
             tracker.flush()
-            report_checkpoint(engine, step, tracker.run_id, stream, world, metrics | {"step": step})
+            asynchronous = cfg.checkpoint_async and decision.reason in ("steps", "minutes")
+            blocked = report_checkpoint(engine, step, tracker.run_id, stream, world, metrics | {"step": step},
+                                        uploads=uploads, asynchronous=asynchronous)
+            schedule.saved(step)
+            if rank == 0:
+                write_line(f"[train] checkpoint at step {step} ({decision.reason}), "
+                           f"{'uploading in the background' if asynchronous else 'uploaded'}; "
+                           f"training waited {blocked:.2f}s")
 
     trained = full_precision_parameters(stage)  # a collective: every rank takes part
     if rank == 0:
@@ -248,23 +284,33 @@ def train_loop_per_worker(config: dict) -> None:
     ray.train.report({"step": step, "exported": cfg.export})
 
 
-def report_checkpoint(engine, step: int, run_id: str | None, stream: DataStream, world: int, metrics: dict) -> None:
-    """Every rank saves its ZeRO shard into its own folder; Ray merges the folders into one checkpoint.
+def report_checkpoint(engine, step: int, run_id: str | None, stream: DataStream, world: int, metrics: dict,
+                      uploads: CheckpointUploads | None = None, asynchronous: bool = False) -> float:
+    """Every rank saves its ZeRO shard into its own local folder; Ray uploads the folders (in the
+    background when ``asynchronous``) and merges them into one checkpoint. Returns the seconds training
+    waited (the local save plus, when synchronous, the upload).
 
     The client state (saved by rank 0) holds the step, the MLflow run, the world size and the data
     position of all workers together. Frozen parameters are left out: they come from the model folder the
     run starts from (in stage 2, nearly the whole U-Net)."""
-    import ray.train
     import torch.distributed as dist
+
+    started = time.perf_counter()
+    uploads = uploads or CheckpointUploads()
 
     positions = [None] * world
     dist.all_gather_object(positions, stream.position)
     position = DataPosition.merge(positions, stream.shards)
     stream.position.forget_before(position.epoch)
     client_state = {"step": step, "mlflow_run_id": run_id, "world_size": world, "data_position": position.to_state()}
-    with tempfile.TemporaryDirectory() as folder:
+    folder = uploads.folder()
+    try:
         engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state=client_state, exclude_frozen_parameters=True)
-        ray.train.report(metrics | {"data_epoch": position.epoch}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    uploads.report(folder, metrics | {"data_epoch": position.epoch}, asynchronous)
+    return time.perf_counter() - started
 
 
 @torch.no_grad()
