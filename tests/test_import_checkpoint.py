@@ -386,9 +386,10 @@ def test_missing_and_misshaped_keys_are_named_with_shapes(published, tmp_path):
     assert f"1 missing from the file:\n    attn_layer.to_q.weight: expected {expected}" in message
 
     checkpoint = dict(published["checkpoint"])
-    checkpoint["model.diffusion_model.out.2.weight"] = torch.zeros(4, 7, 3, 3, dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"the U-Net .*\n.*\n    conv_out\.weight: expected \(4, 32, 3, 3\), "
-                                         r"found \(4, 7, 3, 3\)"):
+    latent = published["config"].unet.latent_channels
+    checkpoint["model.diffusion_model.out.2.weight"] = torch.zeros(latent, 7, 3, 3, dtype=torch.float16)
+    with pytest.raises(ValueError, match=rf"the U-Net .*\n.*\n    conv_out\.weight: expected \({latent}, 32, 3, 3\), "
+                                         rf"found \({latent}, 7, 3, 3\)"):
         run_import(published, tmp_path / "b", checkpoint, name="misshaped.safetensors")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
