@@ -440,6 +440,14 @@ def test_train_job_stages_chain_and_keep_the_papers_batch():
             g["replicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
             for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert stages["plugin"].model == stages["backbone"].out
+    for parsed in stages.values():  # checkpoints by the clock, whatever the worker count
+        assert parsed.checkpoint_every == 0 and parsed.checkpoint_minutes > 0
+    for group in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        # a spot reclaim's SIGTERM leaves the node draining long enough for a just-in-time checkpoint
+        pod = group["template"]["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0].get("env", [])}
+        drain = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+        assert drain >= 60 and pod["terminationGracePeriodSeconds"] > drain, group["groupName"]
     (service_name, service), = ray_resources("RayService")
     served = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["model"]
     assert served == stages["plugin"].out, "the RayService serves the stage-2 export"
