@@ -92,7 +92,7 @@ def test_one_shard_accounts_for_every_input(workspace, config, tmp_path):
     assert all(s.shape == (row["height"], row["width"]) for s in sketches)
     assert all(s.mean() < 100 for s in sketches)  # stored inverted: bright lines on a dark field
     latents = bytes_to_tensor(row["latents"], row["latents_shape"], row["tensor_dtype"])
-    assert tuple(latents.shape) == (4, row["height"] // 8, row["width"] // 8)
+    assert tuple(latents.shape) == (cfg.vae.latent_channels, row["height"] // 8, row["width"] // 8)
     tagger = bytes_to_tensor(row["tagger_tokens"], row["tagger_tokens_shape"])
     assert tuple(tagger.shape) == (cfg.tagger.num_tokens, cfg.tagger.token_dim)
     clip = bytes_to_tensor(row["clip_tokens"], row["clip_tokens_shape"])

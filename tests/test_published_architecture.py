@@ -52,7 +52,7 @@ def test_reference_strength_scales_the_cross_attention_output_not_the_context(ti
     cfg = tiny_colorizer.config
     unet = tiny_colorizer.unet
     torch.manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8)
+    latents = torch.randn(1, cfg.unet.latent_channels, 8, 8)
     timesteps = torch.tensor([500.0])
     context = torch.randn(1, cfg.context_tokens, cfg.unet.cross_attention_dim)
     vector = torch.tensor([[128.0, 7.0]])
