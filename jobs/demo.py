@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         # lines; the dashboard is on because Ray Train's cleaner polls the state API it serves.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # for processes started from here on
         ray.data.DataContext.get_current().enable_progress_bars = False  # this one imported Ray Data already
-        context = ray.init(num_cpus=2, include_dashboard=True, log_to_driver=True)
+        # its own local Ray ("local"), never a cluster another process started on this machine
+        context = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
         print(f"[demo] local Ray up; its dashboard: http://{context.dashboard_url}", flush=True)
         try:
             with chain.step("preprocess with Ray Data (sketches, masks, tokens, latents → Parquet)") as outputs:
