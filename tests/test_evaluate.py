@@ -100,7 +100,8 @@ def test_identical_images_score_the_cap_and_one_and_a_shift_scores_worse():
     images = _tensor([_textured(1), _textured(2)]).float() / 255
     same = metrics(images, images)
     assert torch.equal(same["psnr"], torch.full((2,), PSNR_CAP_DB))
-    torch.testing.assert_close(same["ms_ssim"], torch.ones(2), atol=1e-5, rtol=0)
+    # 1 up to float32 rounding (MS-SSIM runs in float32: flat regions put near-zero variances in its ratios)
+    torch.testing.assert_close(same["ms_ssim"], torch.ones(2), atol=1e-4, rtol=0)
     shifted = metrics(torch.roll(images, shifts=3, dims=-1), images)
     assert (shifted["psnr"] < 40).all() and (shifted["ms_ssim"] < 0.95).all()
     more = metrics(torch.roll(images, shifts=8, dims=-1), images)
