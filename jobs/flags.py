@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 
 from pipelines.training.tracking import DEFAULT_EXPERIMENT
@@ -131,3 +132,23 @@ def job_errors(job: str, *errors: type[BaseException]):
         yield
     except (ValueError, FileNotFoundError, *errors) as err:
         raise SystemExit(f"{job}: {err}") from err
+
+
+def fit_and_print(job: str, make_trainer, args: argparse.Namespace) -> int:
+    """The body of a training job: start or join Ray at ``--ray-address``, build the trainer with
+    ``make_trainer(resources, storage, max_failures)`` (a ``functools.partial`` of the stage's trainer
+    maker) inside :func:`job_errors`, so a bad model or dataset is a one-line refusal, fit it, and print
+    one JSON line: the final metrics, the last checkpoint and the exported model folder."""
+    import ray
+
+    from pipelines.training.trainer import absolute
+
+    with job_errors(job):
+        ray.init(address=args.ray_address)
+        try:
+            result = make_trainer(workers_from(args), args.storage or "outputs/runs", args.max_failures).fit()
+        finally:
+            ray.shutdown()
+    print(json.dumps({"metrics": result.metrics, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
+                      "model": absolute(args.out)}, default=str))
+    return 0

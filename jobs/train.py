@@ -25,19 +25,18 @@ The work is pipelines/training/ (make_trainer, the loop, the stages, tracking).
 
 from __future__ import annotations
 
-import json
+import functools
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
-import ray  # noqa: E402
 
 from jobs import flags  # noqa: E402
 from model.objective import STAGES  # noqa: E402
 from pipelines.training.loop import TrainConfig  # noqa: E402
 from pipelines.training.stages import DEFAULT_PLUGIN_RANK  # noqa: E402
-from pipelines.training.trainer import absolute, make_trainer  # noqa: E402
+from pipelines.training.trainer import make_trainer  # noqa: E402
 from pipelines.training.tracking import tracking_uri  # noqa: E402
 
 
@@ -91,16 +90,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     with flags.job_errors("train"):
         cfg = config_from(args)
-        ray.init(address=args.ray_address)
-        try:
-            trainer = make_trainer(cfg, flags.workers_from(args), storage=args.storage or "outputs/runs",
-                                   max_failures=args.max_failures)
-            result = trainer.fit()
-        finally:
-            ray.shutdown()
-    print(json.dumps({"metrics": result.metrics, "checkpoint": str(result.checkpoint.path) if result.checkpoint else None,
-                      "model": absolute(args.out)}, default=str))
-    return 0
+    return flags.fit_and_print("train", functools.partial(make_trainer, cfg), args)
 
 
 if __name__ == "__main__":

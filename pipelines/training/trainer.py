@@ -39,6 +39,27 @@ class WorkerResources:
             raise ValueError(f"workers must be ≥ 1 and cpus_per_worker > 0, got {self.workers}, {self.cpus_per_worker}")
 
 
+def torch_trainer(loop, loop_config: dict, resources: WorkerResources, name: str, storage: str,
+                  max_failures: int = 3) -> TorchTrainer:
+    """The ``TorchTrainer`` every stage runs under (the colorizer's stages and the VAE's): ``resources``
+    workers, each with its CPUs and one GPU when asked, the run ``name`` under ``storage`` (a rerun of the
+    same name resumes), ``max_failures`` restarts, the last two checkpoints kept, and each worker told its
+    local rank (DeepSpeed reads it)."""
+    per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.gpu else {})
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu,
+                                               resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=absolute(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": local_rank_environment()},
+        ),
+    )
+
+
 def with_dataset_shards(cfg: TrainConfig, workers: int) -> TrainConfig:
     """``cfg`` with the dataset's shard-file count from its manifest (the workers deal the files among
     themselves), after refusing a dataset too small for this many workers and this batch size."""
@@ -62,16 +83,5 @@ def make_trainer(cfg: TrainConfig, resources: WorkerResources, storage: str, max
                               extra_params={"workers": resources.workers, "gpu": resources.gpu,
                                             "global_batch": cfg.batch_size * resources.workers} | cfg.extra_params)
     cfg = with_dataset_shards(cfg, resources.workers)
-    per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.gpu else {})
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(cfg),
-        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.run_name}-{cfg.stage}", storage_path=absolute(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": local_rank_environment()},
-        ),
-    )
+    return torch_trainer(train_loop_per_worker, asdict(cfg), resources, name=f"{cfg.run_name}-{cfg.stage}",
+                         storage=storage, max_failures=max_failures)

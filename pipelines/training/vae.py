@@ -333,11 +333,7 @@ def export_vae(cfg: VAETrainConfig, trained: dict[str, torch.Tensor]) -> Path:
 def make_vae_trainer(cfg: VAETrainConfig, resources, storage: str, max_failures: int = 3):
     """A ``TorchTrainer`` for one VAE run (``resources``: :class:`pipelines.training.trainer.WorkerResources`);
     rerunning with the same ``run_name`` and ``storage`` resumes from its last checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.training.loop import local_rank_environment
-    from pipelines.training.trainer import absolute
+    from pipelines.training.trainer import absolute, torch_trainer
     from pipelines.training.tracking import tracking_uri
 
     read_config(cfg.model)  # a clear error here, not in a worker
@@ -346,16 +342,5 @@ def make_vae_trainer(cfg: VAETrainConfig, resources, storage: str, max_failures:
         dataset=cfg.dataset and absolute(cfg.dataset), images=cfg.images and absolute(cfg.images),
         mlflow_tracking_uri=tracking_uri(cfg.mlflow_tracking_uri),
         extra_params={"gpu": resources.gpu, "global_batch": cfg.batch_size * resources.workers} | cfg.extra_params)
-    per_worker = {"CPU": resources.cpus_per_worker} | ({"GPU": 1} if resources.gpu else {})
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=asdict(cfg),
-        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu,
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(
-            name=f"{cfg.run_name}-{STAGE}", storage_path=absolute(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": local_rank_environment()},
-        ),
-    )
+    return torch_trainer(train_loop_per_worker, asdict(cfg), resources, name=f"{cfg.run_name}-{STAGE}",
+                         storage=storage, max_failures=max_failures)
