@@ -1,4 +1,6 @@
-"""The HTTP API as a plain FastAPI app: request parsing, validation, auth and size limits.
+"""The HTTP API as a plain FastAPI app: routes, auth, size limits, the CPU work off the event loop, and
+cancellation. Its parts: the fields and their parsing (:mod:`serve.params`), JSON bodies
+(:mod:`serve.json_body`), and the JSON errors it answers with (:mod:`serve.errors`).
 
 Nothing here imports Ray (nor torch). The app talks to a :class:`Backend` (``info()`` and
 ``async colorize(request)``, a :class:`ColorizeRequest`);
@@ -48,16 +50,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hmac
 import io
-import json
 import logging
-import re
 import secrets
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import anyio
 import numpy as np
@@ -65,7 +64,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -74,293 +72,21 @@ from model.image_io import API_FORMATS, DecodeError, decode_image
 from model.line_art import CLASSIC_EXTRACTORS, extract_drawing
 from model.options import SAMPLERS, ColorizeOptions
 from model.sizes import fit_size, validate_size
+from serve.errors import MAX_ERRORS_LISTED, ApiError, ClientGone, Overloaded, cap, error_response, listed, quoted
+from serve.json_body import decode_base64, parse_json
+from serve.params import (IMAGE_FIELDS, MAX_STEPS, PARAM_FIELDS, ColorizeJSON, ColorizeParams, check_fields,
+                          form_values, validate_params)
 
 PAGE = Path(__file__).with_name("static") / "index.html"
 logger = logging.getLogger(__name__)
 
-MAX_STEPS = 100
-MAX_SEED = 2**63 - 1
-MAX_SIDE_FIELD = 16384  # width/height beyond this are refused as out of range before the size grid is asked
-IMAGE_FIELDS = ("sketch", "reference", "background_reference")
-# The API's limits and back-off, defined here once: Settings, Overloaded and serve/app.py's AppOptions use them.
+# The API's limits, defined here once: Settings and serve/app.py's AppOptions use them.
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # a whole request, images included
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096  # per uploaded image, checked from its header before decoding
 DEFAULT_MAX_DECODE_BYTES = 384 * 1024 * 1024  # a request's decodes: three 4096² RGBA PNGs or WebPs fit
 DEFAULT_MAX_CONCURRENT_DECODES = 2  # requests decoding (or encoding) at once, per app
 DEFAULT_MAX_SKETCH_ASPECT = 8.0  # the sketch's long side over its short side
-DEFAULT_RETRY_AFTER_S = 1.0  # what a 503 asks the client to wait
-# Caps on what a request can make the app do before it is refused.
-MAX_JSON_FIELDS_BYTES = 64 * 1024  # a JSON body less its (at most three) image strings
-MAX_JSON_TOKENS = 256  # strings and brackets in a JSON body
-MAX_JSON_DEPTH = 16
-MAX_FIELD_CHARS = 64  # a non-image string field
 MAX_FORM_FIELD_BYTES = 64 * 1024  # a multipart field part: larger is a 400 from the parser, smaller a 422
-MAX_ERROR_CHARS = 1024  # an error message
-MAX_ERRORS_LISTED = 3
-
-
-# ------------------------------------------------------------------------------------------- errors
-class ApiError(Exception):
-    """A request the API refuses: ``status`` and a message for the client."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers or {}
-
-
-class Overloaded(Exception):
-    """Raised by a backend that cannot take the request now (→ 503 with Retry-After)."""
-
-    def __init__(self, message: str = "the service is overloaded; retry later",
-                 retry_after_s: float = DEFAULT_RETRY_AFTER_S):
-        super().__init__(message)
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response was ready; there is nobody to answer."""
-
-
-def _cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": _cap(str(message)), "status": status}, status_code=status, headers=headers)
-
-
-def _name(key: Any) -> str:
-    """A client-chosen name, quoted and cut short, for an error message."""
-    return _cap(repr(key), 40)
-
-
-def _listed(items: list[str], total: int | None = None) -> str:
-    total = len(items) if total is None else total
-    shown = "; ".join(_cap(item, 240) for item in items[:MAX_ERRORS_LISTED])
-    return shown + (f" (and {total - MAX_ERRORS_LISTED} more)" if total > MAX_ERRORS_LISTED else "")
-
-
-# ------------------------------------------------------------------------------------------ parameters
-INT_RANGES = {"seed": (0, MAX_SEED), "steps": (1, MAX_STEPS), "width": (1, MAX_SIDE_FIELD),
-              "height": (1, MAX_SIDE_FIELD)}
-FLOAT_RANGES = {"reference_guidance": (0.0, 30.0), "sketch_guidance": (0.0, 30.0), "reference_strength": (0.0, 2.0),
-                "foreground_strength": (0.0, 10.0), "background_strength": (0.0, 10.0), "merge_scale": (0.0, 1.0),
-                "sketch_mask_threshold": (0.0, 0.99), "reference_mask_threshold": (0.0, 1.0)}
-BOOL_FIELDS = ("plugin", "background_enhance", "extract_lines")
-CHOICES = {"line_extractor": tuple(CLASSIC_EXTRACTORS), "sampler": tuple(SAMPLERS), "format": ("png", "json")}
-_FORM_BOOLS = {"true": True, "1": True, "on": True, "false": False, "0": False, "off": False}
-_DIGITS = re.compile(r"[0-9]{1,19}")  # ASCII only; 19 digits hold MAX_SEED
-_DECIMAL = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,12})?(?:[eE][-+]?[0-9]{1,3})?")
-
-
-def field_rule(name: str) -> str:
-    """What a field accepts, as the error message names it."""
-    if name in INT_RANGES:
-        low, high = INT_RANGES[name]
-        return f"{name}: must be a whole number from {low} to {high}"
-    if name in FLOAT_RANGES:
-        low, high = FLOAT_RANGES[name]
-        return f"{name}: must be a number from {low:g} to {high:g}"
-    if name in BOOL_FIELDS:
-        return f"{name}: must be true or false (in a form also 1/0 or on/off)"
-    if name in CHOICES:
-        return f"{name}: must be one of {', '.join(CHOICES[name])}"
-    return f"{_name(name)}: not a field"
-
-
-class ColorizeParams(BaseModel):
-    """The form/JSON fields of ``POST /v1/colorize`` (images aside). Strict: JSON types as declared (form
-    fields are turned into them by :func:`form_values` first)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    width: int | None = Field(None, ge=1, le=MAX_SIDE_FIELD)
-    height: int | None = Field(None, ge=1, le=MAX_SIDE_FIELD)
-    reference_guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
-    sketch_guidance: float | None = Field(None, ge=0.0, le=30.0, allow_inf_nan=False)
-    reference_strength: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    plugin: bool | None = None
-    background_enhance: bool = False
-    foreground_strength: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
-    background_strength: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
-    merge_scale: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
-    sketch_mask_threshold: float = Field(0.05, ge=0.0, le=0.99, allow_inf_nan=False)
-    reference_mask_threshold: float = Field(0.5, ge=0.0, le=1.0, allow_inf_nan=False)
-    extract_lines: bool = False
-    line_extractor: Literal[tuple(CLASSIC_EXTRACTORS)] = "xdog"
-    sampler: Literal[SAMPLERS] | None = None
-    format: Literal["png", "json"] = "png"
-
-    @model_validator(mode="after")
-    def _both_or_neither(self):
-        if (self.width is None) != (self.height is None):
-            raise ValueError("give both width and height, or neither (to fit the sketch's aspect)")
-        return self
-
-
-class ColorizeJSON(ColorizeParams):
-    """The JSON body: the fields, and the images as base64 strings or ``data:`` URLs."""
-
-    sketch: str | None = None
-    reference: str | None = None
-    background_reference: str | None = None
-
-
-PARAM_FIELDS = tuple(ColorizeParams.model_fields)
-
-
-def validation_message(err: ValidationError) -> str:
-    """At most a few of pydantic's errors, each as the field's rule (never the input echoed back)."""
-    parts = []
-    for item in err.errors(include_url=False, include_input=False, include_context=False):
-        loc = [x for x in item.get("loc", ()) if x != "body"]
-        if loc and isinstance(loc[0], str) and loc[0] in PARAM_FIELDS:
-            message = field_rule(loc[0])
-        else:
-            message = str(item.get("msg", "invalid")).removeprefix("Value error, ")
-        if message not in parts:
-            parts.append(message)
-    return _listed(parts)
-
-
-def check_fields(data: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    unknown = [key for key in data if key not in allowed]
-    if unknown:
-        names = ", ".join(_name(key) for key in unknown[:MAX_ERRORS_LISTED])
-        more = f" (and {len(unknown) - MAX_ERRORS_LISTED} more)" if len(unknown) > MAX_ERRORS_LISTED else ""
-        raise ApiError(422, f"unknown field{'s' if len(unknown) > 1 else ''} {names}{more}; "
-                            f"the fields are {', '.join((*IMAGE_FIELDS, *PARAM_FIELDS))}")
-    for key, value in data.items():
-        if key not in IMAGE_FIELDS and isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
-            raise ApiError(422, f"{key}: too long (at most {MAX_FIELD_CHARS} characters)" if key in CHOICES
-                           else field_rule(key))
-
-
-def form_values(fields: dict[str, str]) -> dict[str, Any]:
-    """Form strings → the JSON types :class:`ColorizeParams` takes, strictly (ASCII digits for integers)."""
-    values: dict[str, Any] = {}
-    for name, text in fields.items():
-        if name in INT_RANGES:
-            if not _DIGITS.fullmatch(text):
-                raise ApiError(422, field_rule(name))
-            values[name] = int(text)
-        elif name in FLOAT_RANGES:
-            if not _DECIMAL.fullmatch(text):
-                raise ApiError(422, field_rule(name))
-            values[name] = float(text)
-        elif name in BOOL_FIELDS:
-            if text.lower() not in _FORM_BOOLS:
-                raise ApiError(422, field_rule(name))
-            values[name] = _FORM_BOOLS[text.lower()]
-        else:
-            values[name] = text
-    return values
-
-
-def validate_params(values: dict[str, Any]) -> ColorizeParams:
-    try:
-        return ColorizeParams.model_validate(values)
-    except ValidationError as err:
-        raise ApiError(422, validation_message(err)) from None
-
-
-# ------------------------------------------------------------------------------------------ JSON bodies
-_BETWEEN_TOKENS = re.compile(rb'[^"\[\]{}]*')
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_LONG_STRING = 1024  # a string this long can only be an image
-_TOO_LONG_INT = float("inf")  # what an integer of more than 20 digits parses to: refused as out of range
-
-
-def check_json_shape(body: bytes) -> None:
-    """Refuse a JSON body that would be costly to parse or validate, from its raw bytes (linear, in C): too
-    deep, too many strings or brackets, or too many bytes besides its three longest strings (the images)."""
-    depth = tokens = 0
-    long_strings: list[int] = []
-    position, end = 0, len(body)
-    while True:
-        position = _BETWEEN_TOKENS.match(body, position).end()
-        if position >= end:
-            break
-        tokens += 1
-        if tokens > MAX_JSON_TOKENS:
-            raise ApiError(413, f"the JSON body has too many members (at most {MAX_JSON_TOKENS} strings and "
-                                "brackets; the fields are a flat object)")
-        if body[position] == 0x22:  # '"'
-            string = _JSON_STRING.match(body, position)
-            if string is None:
-                raise ApiError(400, "body is not valid JSON: a string is not terminated")
-            if string.end() - position > _LONG_STRING:
-                long_strings.append(string.end() - position)
-            position = string.end()
-            continue
-        depth += 1 if body[position] in b"[{" else -1
-        if depth > MAX_JSON_DEPTH:
-            raise ApiError(400, f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
-        position += 1
-    images = sum(sorted(long_strings)[-len(IMAGE_FIELDS):])
-    if end - images > MAX_JSON_FIELDS_BYTES:
-        raise ApiError(413, f"the JSON body's fields besides the images take {end - images} bytes; "
-                            f"at most {MAX_JSON_FIELDS_BYTES}")
-
-
-def _json_int(text: str) -> int | float:
-    return int(text) if len(text) <= 20 else _TOO_LONG_INT
-
-
-def _json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        seen: set[str] = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ApiError(422, f"field {_name(twice)} is given twice")
-    return data
-
-
-def parse_json(body: bytes) -> tuple[dict[str, Any], dict[str, str]]:
-    """(fields, image strings) of a JSON body; shape checked first (CPU work: call it in a thread)."""
-    check_json_shape(body)
-    try:
-        data = json.loads(body, parse_int=_json_int, object_pairs_hook=_json_object)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise ApiError(400, f"body is not valid JSON: {_cap(str(err), 120)}") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, "the JSON body must be an object")
-    check_fields(data, (*IMAGE_FIELDS, *PARAM_FIELDS))
-    images: dict[str, str] = {}
-    for name in IMAGE_FIELDS:
-        value = data.pop(name, None)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise ApiError(422, f"{name}: must be a base64 string or a data:image/... URL")
-        images[name] = value
-    return data, images
-
-
-_DATA_URL = re.compile(r"data:image/(png|jpeg|jpg|webp)((?:;[A-Za-z0-9=._+-]{1,64}){0,4}?);base64,", re.IGNORECASE)
-
-
-def decode_base64(name: str, text: str) -> bytes:
-    """A base64 field's bytes; a ``data:`` URL must declare an accepted image type and base64."""
-    if text[:5].lower() == "data:":
-        header = _DATA_URL.match(text[:400])
-        if header is None:
-            raise ApiError(422, f"{name}: a data: URL must be data:image/png, image/jpeg or image/webp with "
-                                ";base64 (e.g. data:image/png;base64,...)")
-        text = text[header.end():]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        pass
-    try:  # line-wrapped base64 (e.g. from `base64` without -w0)
-        return base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(422, f"{name} is not valid base64") from None
 
 
 # --------------------------------------------------------------------------------------- the model side
@@ -548,14 +274,14 @@ class Guard:
         if settings.api_token and path not in settings.open_paths:
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_token.encode()):
-                return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                return error_response(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
                               {"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length")
         if length is not None:
             if not length.isascii() or not length.strip().isdigit() or len(length) > 20:
-                return _error(400, "Content-Length is not a number")
+                return error_response(400, "Content-Length is not a number")
             if int(length) > settings.max_body_bytes:
-                return _error(413, f"request body of {int(length)} bytes exceeds the limit of "
+                return error_response(413, f"request body of {int(length)} bytes exceeds the limit of "
                                    f"{settings.max_body_bytes} bytes")
         return None
 
@@ -583,7 +309,7 @@ class Guard:
             logger.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
             if not started:
                 try:
-                    await _error(500, "internal error (it has been logged)")(scope, receive, send)
+                    await error_response(500, "internal error (it has been logged)")(scope, receive, send)
                 except Exception:  # noqa: BLE001 - the client is gone as well
                     logger.debug("could not send the 500", exc_info=True)
 
@@ -622,20 +348,20 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
-        return _error(err.status, err.message, err.headers)
+        return error_response(err.status, err.message, err.headers)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, err: Overloaded):
-        return _error(503, err.message, {"Retry-After": str(max(1, round(err.retry_after_s)))})
+        return error_response(503, err.message, {"Retry-After": str(max(1, round(err.retry_after_s)))})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError):
         errors = err.errors()
-        return _error(422, _listed([str(e.get("msg")) for e in errors[:MAX_ERRORS_LISTED]], len(errors)))
+        return error_response(422, listed([str(e.get("msg")) for e in errors[:MAX_ERRORS_LISTED]], len(errors)))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException):
-        return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
+        return error_response(err.status_code, str(err.detail), getattr(err, "headers", None))
 
     app.add_middleware(Guard, settings=settings)
     page = PAGE.read_text(encoding="utf-8")
@@ -752,21 +478,21 @@ async def _parse_form(request: Request) -> tuple[dict[str, str], dict[str, bytes
     except ClientDisconnect:
         raise
     except Exception as err:  # noqa: BLE001 - the multipart parser's own errors
-        raise ApiError(400, f"malformed multipart body: {_cap(str(err), 200)}") from None
+        raise ApiError(400, f"malformed multipart body: {cap(str(err), 200)}") from None
     fields: dict[str, str] = {}
     images: dict[str, bytes] = {}
     seen: set[str] = set()
     try:
         for key, value in form.multi_items():
             if key in seen:
-                raise ApiError(422, f"{_name(key)} is sent twice")
+                raise ApiError(422, f"{quoted(key)} is sent twice")
             seen.add(key)
             if key in IMAGE_FIELDS:
                 if not isinstance(value, UploadFile):
                     raise ApiError(422, f"{key} must be a file part")
                 images[key] = await value.read()
             elif isinstance(value, UploadFile):
-                raise ApiError(422, f"unexpected file field {_name(key)}; files are {', '.join(IMAGE_FIELDS)}")
+                raise ApiError(422, f"unexpected file field {quoted(key)}; files are {', '.join(IMAGE_FIELDS)}")
             elif value != "":  # an empty form field means "not given"
                 fields[key] = value
     finally:

@@ -62,8 +62,9 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_DECODES, DEFAULT_MAX_DECODE_BYTES,
-                       DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_SKETCH_ASPECT, DEFAULT_RETRY_AFTER_S, ApiError,
-                       ColorizeRequest, ModelInfo, Overloaded, Settings, create_app)
+                       DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_SKETCH_ASPECT, ColorizeRequest, ModelInfo, Settings,
+                       create_app)
+from serve.errors import DEFAULT_RETRY_AFTER_S, ApiError, Overloaded
 from serve.http_server import MAX_HEADER_BYTES, SERVE_CONTROL_HEADERS, HeaderGuard, is_loopback
 from serve.runtime import FAILED, FAILED_MESSAGE, Batcher, ModelRunner, model_thread, raise_for_error
 

@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from serve.api import ApiError, ColorizeRequest, ModelInfo
+from serve.api import ColorizeRequest, ModelInfo
+from serve.errors import ApiError
 
 log = logging.getLogger("colorize_xl.serve")
 

@@ -58,7 +58,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from model.image_io import DecodeError, decode_image  # noqa: E402
-from serve.api import IMAGE_FIELDS, ColorizeParams, ModelInfo, Settings, create_app  # noqa: E402
+from serve.api import ModelInfo, Settings, create_app  # noqa: E402
+from serve.params import IMAGE_FIELDS, ColorizeParams  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hostile-suite-token"

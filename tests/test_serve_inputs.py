@@ -29,6 +29,8 @@ from PIL import Image, ImageOps
 import serve.api as api
 from model.image_io import API_FORMATS, DecodeError, decode_cost, decode_image
 from serve.api import ModelInfo, Settings, create_app
+from serve.errors import MAX_ERROR_CHARS
+from serve.params import PARAM_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 HYPOTHESIS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow,
@@ -94,7 +96,7 @@ def assert_error(response, status, *words):
     assert response.status_code == status, (response.status_code, response.text[:300])
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert body["status"] == status and len(body["error"]) <= api.MAX_ERROR_CHARS
+    assert body["status"] == status and len(body["error"]) <= MAX_ERROR_CHARS
     for word in words:
         assert word in body["error"], body["error"]
     return body["error"]
@@ -528,7 +530,7 @@ def test_a_connected_client_is_not_cancelled():
 
 
 # ------------------------------------------------------------------------------------ generated form fields
-FIELD_NAMES = [*api.PARAM_FIELDS, "colour", "sketch", ""]
+FIELD_NAMES = [*PARAM_FIELDS, "colour", "sketch", ""]
 form_text = st.one_of(st.text(max_size=12), st.integers(-5, 300).map(str), st.sampled_from(
     ["true", "off", "1_0", "+1", "96.0", "nan", "1e3", "png", "json", "xdog", "ddim", " 5", "٣", "9" * 30]))
 

@@ -188,7 +188,7 @@ def test_ingress_maps_model_errors():
     import ray
     from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-    from serve.api import ApiError, Overloaded
+    from serve.errors import ApiError, Overloaded
     from serve.app import _HandleBackend
 
     class Response:
