@@ -249,3 +249,15 @@ def test_checkpoints_fire_by_steps_or_by_the_clock_and_wait_for_a_running_upload
     assert Decision.decode(Decision(True, False, "minutes").encode()) == Decision(True, False, "minutes")
     with pytest.raises(ValueError, match="must be ≥ 0"):
         CheckpointPolicy(every_minutes=-1)
+
+
+def test_workers_that_would_leave_no_cpu_for_their_data_stream_are_refused():
+    from pipelines.training.trainer import WorkerResources, check_cpus_left_for_data
+
+    with pytest.raises(ValueError, match="wait for data forever"):
+        check_cpus_left_for_data(WorkerResources(workers=1, cpus_per_worker=2), cluster_cpus=2)
+    with pytest.raises(ValueError, match="2 worker"):
+        check_cpus_left_for_data(WorkerResources(workers=2, cpus_per_worker=1.5), cluster_cpus=3.5)
+    check_cpus_left_for_data(WorkerResources(workers=1, cpus_per_worker=1), cluster_cpus=2)  # one CPU left
+    check_cpus_left_for_data(WorkerResources(workers=2, cpus_per_worker=0.5), cluster_cpus=2)  # the demo's
+    check_cpus_left_for_data(WorkerResources(workers=8, cpus_per_worker=8), cluster_cpus=4)  # autoscaling: Ray's call

@@ -60,6 +60,23 @@ def torch_trainer(loop, loop_config: dict, resources: WorkerResources, name: str
     )
 
 
+DATA_STREAM_CPUS = 1.0  # what each worker's Ray Data read and decode tasks need besides the workers
+
+
+def check_cpus_left_for_data(resources: WorkerResources, cluster_cpus: float) -> None:
+    """Refuse workers that take every CPU of a cluster that already has room for them: their Ray Data
+    read and decode tasks would then wait for a CPU forever, and the job would hang at its first batch.
+
+    A cluster with fewer CPUs than the workers ask for is left to Ray (an autoscaler adds nodes, or Ray
+    says what it waits for), so a submission to an autoscaling cluster is never refused here."""
+    taken = resources.workers * resources.cpus_per_worker
+    if taken <= cluster_cpus < taken + DATA_STREAM_CPUS:
+        raise ValueError(f"{resources.workers} worker(s) × {resources.cpus_per_worker:g} CPUs take {taken:g} of the "
+                         f"cluster's {cluster_cpus:g} CPUs, leaving less than {DATA_STREAM_CPUS:g} for the Ray Data "
+                         "tasks that read and decode the training rows, so training would wait for data forever: "
+                         "lower --cpus-per-worker or --workers, or start Ray with more CPUs")
+
+
 def with_dataset_shards(cfg: TrainConfig, workers: int) -> TrainConfig:
     """``cfg`` with the dataset's shard-file count from its manifest (the workers deal the files among
     themselves), after refusing a dataset too small for this many workers and this batch size."""
@@ -83,5 +100,7 @@ def make_trainer(cfg: TrainConfig, resources: WorkerResources, storage: str, max
                               extra_params={"workers": resources.workers, "gpu": resources.gpu,
                                             "global_batch": cfg.batch_size * resources.workers} | cfg.extra_params)
     cfg = with_dataset_shards(cfg, resources.workers)
+    if ray.is_initialized():
+        check_cpus_left_for_data(resources, ray.cluster_resources().get("CPU", 0.0))
     return torch_trainer(train_loop_per_worker, asdict(cfg), resources, name=f"{cfg.run_name}-{cfg.stage}",
                          storage=storage, max_failures=max_failures)
