@@ -31,7 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
-
 from jobs import flags  # noqa: E402
 from model.objective import STAGES  # noqa: E402
 from pipelines.training.loop import TrainConfig  # noqa: E402

@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python jobs/x.py` from a checkout, no install
 
-
 from jobs import flags  # noqa: E402
 from pipelines.training.tracking import tracking_uri  # noqa: E402
 from pipelines.training.vae import RECONSTRUCTIONS, VAETrainConfig, make_vae_trainer  # noqa: E402
