@@ -11,14 +11,15 @@ Seven steps, each skipped when its output already exists:
    MLflow next to its training run, and the untrained colorizer (the same frozen encoders and VAE, the
    trainable parts at their random init) on the same pairs, so the demo measures what training bought;
 7. serve it with Ray Serve and send one HTTP request: a dataset sketch after another image's reference;
-   the returned PNG is saved (``--keep-serving`` leaves the app and its web page up).
+   the returned PNG is saved (``--keep-serving`` leaves the app and its web page up; ``--no-serve`` skips it).
 
-The whole chain is one MLflow trace (a span per step). A second run reuses every finished step. The base
-model starts from the shipped tiny assets (a trained VAE and a pretrained colorizer), so the demo's
-picture and numbers mean something: it ends with what it proves, measured in its own output (the trained
-model against the untrained one on the same validation pairs: PSNR, MS-SSIM and the substitute FID; the
-held-out diffusion loss before and after each stage), each next to the claim it checks. Every step calls
-the same typed functions as the job that does it on a cluster (pipelines/, model/, serve/).
+The whole chain is one MLflow trace (a span per step). A second run reuses every finished step, and starts
+Ray only for a step that has work left. The base model starts from the shipped tiny assets (a trained VAE
+and a pretrained colorizer), so the demo's picture and numbers mean something: it ends with what it
+proves, measured in its own output (the trained model against the untrained one on the same validation
+pairs: PSNR, MS-SSIM and the substitute FID; the held-out diffusion loss before and after each stage),
+each next to the claim it checks. Every step calls the same typed functions as the job that does it on a
+cluster (pipelines/, model/, serve/).
 
     python jobs/demo.py --out outputs/demo
 """
@@ -182,22 +183,50 @@ def start_over_if_stale(out: Path) -> str | None:
     return reason
 
 
-def preprocess(corpus: Path, dataset: Path, base: Path) -> dict:
-    cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "background"))
-    done_before = (read_manifest(str(dataset)) or {}).get("complete", False)
-    manifest = run_preprocess(str(corpus), str(dataset), cfg)
+class LocalRay:
+    """The demo's own local Ray ("local": never a cluster another process started on this machine), started
+    by the first step that has work for it, so a rerun whose steps are all done (with ``--no-serve``) starts
+    none and finishes in seconds."""
+
+    def __init__(self):
+        self.context = None
+
+    def up(self) -> None:
+        if self.context is not None:
+            return
+        # Ray Data's per-operator progress (from the training data splitters too) would bury the demo's own
+        # lines; the dashboard is on because Ray Train's cleaner polls the state API it serves.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # for processes started from here on
+        ray.data.DataContext.get_current().enable_progress_bars = False  # this one imported Ray Data already
+        self.context = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
+        print(f"[demo] local Ray up; its dashboard: http://{self.context.dashboard_url}", flush=True)
+
+    def down(self) -> None:
+        if self.context is not None:
+            ray.shutdown()
+            self.context = None
+
+
+def preprocess(corpus: Path, dataset: Path, base: Path, local_ray: LocalRay) -> dict:
+    manifest = read_manifest(str(dataset)) or {}
+    done_before = manifest.get("complete", False)
+    if not done_before:
+        local_ray.up()
+        cfg = PreprocessConfig(preset="tiny", shard_size=8, encoders=str(base), latent_views=("target", "background"))
+        manifest = run_preprocess(str(corpus), str(dataset), cfg)
     return {"dataset": str(dataset), "rows": manifest["rows"], "errors": manifest["errors"],
             "inputs": manifest["inputs"], "note": "already done, skipped" if done_before else ""}
 
 
 def train_stage(stage: str, start: Path, dataset: Path, export: Path, steps: int, out: Path, tracking: str,
-                validation: Path) -> dict:
+                validation: Path, local_ray: LocalRay) -> dict:
     """One stage with the same trainer as ``jobs/train.py`` (skipped when its export exists), and the
     held-out diffusion loss on ``validation`` before and after it, with the same noise draws."""
     outputs = {"export": str(export)}
     if is_model_folder(export):
         outputs["note"] = "already trained, skipped"
     else:
+        local_ray.up()
         cfg = TrainConfig(stage=stage, model=str(start), dataset=str(dataset), export=str(export), steps=steps,
                           batch_size=2, checkpoint_every=max(1, steps // 2), sample_every=0,
                           log_every=max(1, steps // 4), run_name=RUN_NAME, mlflow_tracking_uri=tracking)
@@ -251,7 +280,7 @@ def proof_table(result: dict) -> str:
 
 
 def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: int, seed: int, tracking: str,
-                   name: str = "eval") -> dict:
+                   local_ray: LocalRay, name: str = "eval") -> dict:
     """The Table 1 protocol on the validation set, over Ray Data actors; reused when already measured.
 
     No Inception or CLIP weight files ship with the demo (nothing is downloaded), so it asks for the named
@@ -264,6 +293,7 @@ def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: i
         if saved["settings"]["setting"] == config.setting(steps) and saved["settings"]["model"] == str(model):
             return {"metrics": saved["metrics"], "table": (folder / "metrics.md").read_text(),
                     "files": str(folder), "run": saved.get("mlflow_run"), "note": "already measured, reused"}
+    local_ray.up()
     report = evaluate(str(model), str(dataset), config, runner=ray_runner(1, False, 1.0))
     run_id = log_to_mlflow(report, model, tracking_uri=tracking)
     report.write(folder)
@@ -282,6 +312,8 @@ def build_parser():
     parser.add_argument("--train-steps", type=int, default=40, help="stage-1 steps (stage 2 runs a quarter)")
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--port", type=int, default=8000, help="the Serve HTTP port (loopback only)")
+    parser.add_argument("--no-serve", action="store_true",
+                        help="stop after the evaluation: no Serve app, no HTTP request (a headless check, a busy port)")
     parser.add_argument("--keep-serving", action="store_true",
                         help="leave the app up at the end (open http://127.0.0.1:PORT/ for the artists' page)")
     return parser
@@ -311,42 +343,40 @@ def main(argv: list[str] | None = None) -> int:
         with chain.step("assemble the base model folder (tiny preset, from the shipped tiny assets)") as outputs:
             outputs["model"] = str(init_model(out / "base", "tiny", seed=args.seed))
             outputs["untrained"] = str(untrained_counterpart(out / "base", out / "untrained", args.seed))
-        # Ray Data's per-operator progress (from the training data splitters too) would bury the demo's own
-        # lines; the dashboard is on because Ray Train's cleaner polls the state API it serves.
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # for processes started from here on
-        ray.data.DataContext.get_current().enable_progress_bars = False  # this one imported Ray Data already
-        # its own local Ray ("local"), never a cluster another process started on this machine
-        context = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
-        print(f"[demo] local Ray up; its dashboard: http://{context.dashboard_url}", flush=True)
+        local_ray = LocalRay()
         try:
             with chain.step("preprocess with Ray Data (sketches, masks, tokens, latents → Parquet)") as outputs:
-                train_data = preprocess(corpus, dataset, out / "base")
-                val_data = preprocess(val_corpus, val_dataset, out / "base")
+                train_data = preprocess(corpus, dataset, out / "base", local_ray)
+                val_data = preprocess(val_corpus, val_dataset, out / "base", local_ray)
                 outputs.update(train_data | {"validation": val_data})
             with chain.step("train stage 1: backbone + Gram loss (Ray Train + DeepSpeed ZeRO-2, 2 workers)") as outputs:
                 outputs.update(train_stage("backbone", out / "base", dataset, stage1, args.train_steps, out, tracking,
-                                           val_dataset))
+                                           val_dataset, local_ray))
                 stage1_outputs = dict(outputs)
             with chain.step("train stage 2: plug-in = ReferenceNet + background LoRA (Ray Train + DeepSpeed ZeRO-2)") as outputs:
                 outputs.update(train_stage("plugin", stage1, dataset, stage2, max(1, args.train_steps // 4), out,
-                                           tracking, val_dataset))
+                                           tracking, val_dataset, local_ray))
                 learned = {"stage 1": stage1_outputs, "stage 2": dict(outputs)}
             with chain.step("evaluate on the validation set (Table 1 protocol, Ray Data actors), "
                             "and the untrained model on the same pairs") as outputs:
                 evaluation = evaluate_model(stage2, val_dataset, out, args.eval_samples, args.steps, args.seed,
-                                            tracking)
+                                            tracking, local_ray)
                 baseline = evaluate_model(out / "untrained", val_dataset, out, args.eval_samples, args.steps,
-                                          args.seed, tracking, name="eval_untrained")
+                                          args.seed, tracking, local_ray, name="eval_untrained")
                 outputs.update({k: v for k, v in evaluation.items() if k != "table"})
                 outputs["untrained_metrics"] = baseline["metrics"]
                 untrained_loss = round(heldout_diffusion_loss(str(out / "untrained"), str(val_dataset),
                                                               stage="backbone", device="cpu"), 5)
             with chain.step("serve with Ray Serve and send one HTTP request") as outputs:
-                outputs.update(serve_and_request(str(stage2), str(dataset), str(out), args.seed, args.steps, args.port,
-                                           args.keep_serving))
-                colorized = dict(outputs)
+                if args.no_serve:
+                    outputs["note"] = "skipped (--no-serve)"
+                else:
+                    local_ray.up()
+                    outputs.update(serve_and_request(str(stage2), str(dataset), str(out), args.seed, args.steps,
+                                                     args.port, args.keep_serving))
+                colorized = {k: v for k, v in outputs.items() if k != "note"} or None
         finally:
-            ray.shutdown()
+            local_ray.down()
 
     import mlflow
 
@@ -388,9 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] what the demo proves, on its own validation pairs ({args.eval_samples} samples, {args.steps} "
           f"sampling steps; the untrained model is {out / 'untrained'}):\n\n{proof_table(proved)}\n\n"
           f"[demo] {'every claim holds' if proved['all_hold'] else 'NOT every claim holds (see the table)'}\n")
-    print(f"[demo] colorized image (from {colorized['url']}): {colorized['image']}\n"
-          f"[demo] sketch | reference | result: {colorized['strip']}\n"
-          f"[demo] summary: {out / 'summary.json'}\n"
+    if colorized is not None:
+        print(f"[demo] colorized image (from {colorized['url']}): {colorized['image']}\n"
+              f"[demo] sketch | reference | result: {colorized['strip']}")
+    print(f"[demo] summary: {out / 'summary.json'}\n"
           f"[demo] serve it again (CPU): serve run serve.app:build_app model={stage2} num_gpus=0 dtype=float32\n"
           f"       then open http://127.0.0.1:8000/ (the artists' page); on GPUs: serve run serve/config.yaml\n"
           f"[demo] on a cluster, the same jobs: see cluster/README.md, e.g. ray job submit --working-dir . -- "

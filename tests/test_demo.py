@@ -34,9 +34,10 @@ def test_each_claim_is_checked_against_its_margin_and_direction():
     assert not short["all_hold"] and failed == {"PSNR", "FID", "held-out diffusion loss"}  # 5.9 dB; FID equal; loss equal
 
 
-def run_demo(out: Path, port: int) -> tuple[dict, str]:
+def run_demo(out: Path, port: int, *extra: str) -> tuple[dict, str]:
     command = [sys.executable, str(ROOT / "jobs" / "demo.py"), "--out", str(out), "--images", "12",
-               "--val-images", "4", "--train-steps", "4", "--eval-samples", "4", "--steps", "2", "--port", str(port)]
+               "--val-images", "4", "--train-steps", "4", "--eval-samples", "4", "--steps", "2", "--port", str(port),
+               *extra]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONUNBUFFERED="1")
     done = subprocess.run(command, cwd=out.parent, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -50,7 +51,7 @@ def demo(tmp_path_factory):
         port = s.getsockname()[1]
     out = tmp_path_factory.mktemp("demo") / "out"
     first = run_demo(out, port)
-    second = run_demo(out, port)
+    second = run_demo(out, port, "--no-serve")  # the reuse is what it checks; serving ran in the first
     return out, first, second
 
 
@@ -105,5 +106,8 @@ def test_a_second_run_reuses_what_exists(demo):
     assert notes["train stage 1"] == "already trained, skipped"
     assert notes["train stage 2"] == "already trained, skipped"
     assert notes["evaluate on the validation set"] == "already measured, reused"
+    assert notes["serve with Ray Serve and send one HTTP request"] == "skipped (--no-serve)"
     assert second["models"] == first["models"] and second["metrics"] == first["metrics"]
-    assert Path(second["colorized"]["image"]).is_file()
+    assert second["proof"] == first["proof"]  # the held-out losses are measured again, with the same draws
+    assert second["colorized"] is None and Path(first["colorized"]["image"]).is_file()
+    assert "local Ray up" not in stdout  # nothing was left to do that needs Ray
