@@ -51,6 +51,7 @@ from pipelines.data.ray_stream import run_preprocess  # noqa: E402
 from pipelines.data.shards import PreprocessConfig  # noqa: E402
 from pipelines.data.synthetic import write_corpus  # noqa: E402
 from pipelines.evaluation.heldout import heldout_diffusion_loss  # noqa: E402
+from pipelines.evaluation.metrics import fid_metric_name  # noqa: E402
 from pipelines.evaluation.mlflow_report import log_to_mlflow  # noqa: E402
 from pipelines.evaluation.protocol import EvaluationConfig, evaluate  # noqa: E402
 from pipelines.evaluation.ray_runner import ray_runner  # noqa: E402
@@ -284,13 +285,17 @@ def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: i
     """The Table 1 protocol on the validation set, over Ray Data actors; reused when already measured.
 
     No Inception or CLIP weight files ship with the demo (nothing is downloaded), so it asks for the named
-    substitutes: the model's own CLIP tower for both; the table and every MLflow key say so."""
-    config = EvaluationConfig(samples=samples, steps=steps, seed=seed, fid_extractor="substitute:clip",
+    substitutes: for FID the model's own VAE encoder (trained, where the tiny CLIP tower is random-init and
+    its features ranked the untrained model's noise above trained outputs), for the CLIP score the model's
+    CLIP tower; the table and every MLflow key say so."""
+    config = EvaluationConfig(samples=samples, steps=steps, seed=seed, fid_extractor="substitute:vae",
                               clip_extractor="substitute:model", device="cpu", batch_size=4)
     folder = out / name
     if (folder / "metrics.json").is_file() and (folder / "metrics.md").is_file():
         saved = json.loads((folder / "metrics.json").read_text())
-        if saved["settings"]["setting"] == config.setting(steps) and saved["settings"]["model"] == str(model):
+        fid_key, _ = fid_metric_name(config.choices()[0])
+        if (saved["settings"]["setting"] == config.setting(steps) and saved["settings"]["model"] == str(model)
+                and fid_key in saved["metrics"]):  # an older demo's evaluation used another FID extractor
             return {"metrics": saved["metrics"], "table": (folder / "metrics.md").read_text(),
                     "files": str(folder), "run": saved.get("mlflow_run"), "note": "already measured, reused"}
     local_ray.up()

@@ -5,7 +5,7 @@
         --inception-weights /mnt/weights/pt_inception-2015-12-05-6726825d.pth \\
         --clip-weights /mnt/weights/open_clip_pytorch_model.bin --out outputs/eval/stage2
     python jobs/evaluate.py --model outputs/demo/stage2 --data outputs/demo/dataset --samples 8 --steps 4 \\
-        --fid-extractor substitute:clip --clip-extractor substitute:model --local      # tiny, one process
+        --fid-extractor substitute:vae --clip-extractor substitute:model --local       # tiny, one process
 
 FID uses randomly drawn references, PSNR / MS-SSIM / CLIP references deformed from the ground truth
 (pipelines/evaluation/protocol.py). Without --inception-weights or --clip-weights the job stops and says

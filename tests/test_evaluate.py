@@ -130,6 +130,29 @@ def test_inception_loads_from_its_published_format_and_fid_behaves(inception_fil
         build_extractor(choose_fid_extractor("inception", str(broken)))
 
 
+def test_the_vae_substitute_compares_colors_and_layout_and_says_what_it_is(workspace):
+    """FID on the model's own (trained) VAE latents, pooled to a 4×4 grid: the same set scores 0, recoloring
+    the pictures (RGB → BGR) moves it far more than a 2-px shift, which the pooling barely sees."""
+    from model.colorizer import Colorizer
+    from pipelines.evaluation.metrics import LATENT_GRID, fid_metric_name
+
+    choice = choose_fid_extractor("substitute:vae", None)
+    assert fid_metric_name(choice) == ("fid_substitute_model_vae", "FID (substitute: model VAE encoder)")
+    assert "VAE encoder" in choice.label() and "substitute" in choice.label()
+    with pytest.raises(ValueError, match="no model was given"):
+        build_extractor(choice)
+    model = Colorizer.from_pretrained(workspace["base"], components=("vae",))
+    extractor = build_extractor(choice, model)
+    images = [_textured(seed, side=96) for seed in range(6)]
+    real = extractor(_tensor(images))
+    channels = model.vae.config.latent_channels
+    assert real.shape == (6, channels * LATENT_GRID**2) and torch.isfinite(real).all() and real.std() > 0
+    assert frechet_distance(real, real) == pytest.approx(0.0, abs=1e-6 * float((real**2).sum()))
+    shifted = frechet_distance(real, extractor(_tensor([np.roll(im, 2, axis=1) for im in images])))
+    recolored = frechet_distance(real, extractor(_tensor([np.ascontiguousarray(im[..., ::-1]) for im in images])))
+    assert recolored > 5 * shifted, (recolored, shifted)  # measured 236 vs 16.6
+
+
 def test_openclip_checkpoint_loads_with_its_shape_read_off_the_file(openclip_file):
     path, original = openclip_file
     with pytest.raises(ValueError, match="--clip-heads"):
@@ -301,6 +324,11 @@ def test_substitutes_are_named_in_keys_labels_and_table(workspace):
     table = report.markdown()
     assert "FID (substitute: model CLIP tower)↓" in table and "| FID↓" not in table
     assert "| Paper (Table 1) | — | 28.83 | 0.700 | — |" in table
+    vae = evaluate(str(workspace["base"]), str(workspace["dataset"]),
+                   EvaluationConfig(samples=2, steps=1, fid_extractor="substitute:vae", clip_extractor="substitute:model"))
+    assert set(vae.metrics) == {"fid_substitute_model_vae", "psnr", "ms_ssim", "clip_cosine_substitute_model_clip"}
+    assert "FID (substitute: model VAE encoder)↓" in vae.markdown()
+    assert vae.metrics["psnr"] == report.metrics["psnr"]  # the extractor changes the FID only
 
 
 # ---------------------------------------------------------------------------------- entanglement

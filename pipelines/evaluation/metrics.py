@@ -10,8 +10,11 @@
   actors): :class:`PrecomputedFeatures` is the identity "network" it runs on them.
 * Extractors load from local files only. FID's standard network is :mod:`pipelines.evaluation.inception`; the
   CLIP score's is an OpenCLIP image tower from a checkpoint file. Where none is given, the caller may ask
-  for a named substitute (the model's own CLIP tower), and the metric's key and label then say
-  "substitute", so a number is never reported under a name it has not earned.
+  for a named substitute (the model's own CLIP tower, or for FID its VAE encoder), and the metric's key
+  and label then say "substitute", so a number is never reported under a name it has not earned. The
+  VAE substitute exists for presets whose CLIP tower is random-init (``tiny``): a random tower's features
+  ranked the untrained colorizer's smooth noise above trained outputs, while the VAE is trained with the
+  model, so its latents carry the colors and layout FID should compare.
 * OpenCLIP checkpoints trained with QuickGELU (OpenAI's, the ``-quickgelu`` ones) have the same shapes as
   GELU ones: :func:`clip_activation` reads the activation off the checkpoint's name and metadata, and a
   tower that needs QuickGELU gets it (or the run stops when the caller's choice contradicts the file).
@@ -33,7 +36,8 @@ PSNR_CAP_DB = 100.0
 STANDARD_MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 STANDARD_MS_SSIM_KERNEL = 11
 
-FID_EXTRACTORS = ("inception", "substitute:clip")
+FID_EXTRACTORS = ("inception", "substitute:clip", "substitute:vae")
+LATENT_GRID = 4  # the VAE substitute pools each latent channel to this grid: coarse layout and color, no detail
 CLIP_EXTRACTORS = ("openclip", "substitute:model")
 # OpenCLIP ViT image towers: width → attention heads (heads are not visible in the weights' shapes).
 OPENCLIP_HEADS = {768: 12, 1024: 16, 1280: 16, 1664: 16}
@@ -123,6 +127,9 @@ def conventions(fid: ExtractorChoice, clip: ExtractorChoice, ms_ssim: MSSSIMSett
         resize = ("299² by TensorFlow-1's bilinear rule (no half-pixel offset, no antialiasing): the FID reference's "
                   "and torch-fidelity's; torchmetrics' FrechetInceptionDistance defaults to antialias=True, a "
                   "different resize that gives different FIDs (23.46 vs 17.30 on one set, issue 18), not used here")
+    elif fid.kind == "model_vae":
+        resize = (f"none: the VAE encodes each image at its evaluation size, then each latent channel is averaged "
+                  f"over a {LATENT_GRID}×{LATENT_GRID} grid; not the FID standard")
     else:
         resize = "the substitute tower's own input: stretched to its square size (bilinear); not the FID standard"
     return {
@@ -181,7 +188,7 @@ def fid_sample_warning(samples: int) -> str | None:
 class ExtractorChoice:
     """Which network a metric uses, as plain data (it travels to Ray actors, which build it there)."""
 
-    kind: str  # "inception" | "openclip" | "model_clip"
+    kind: str  # "inception" | "openclip" | "model_clip" | "model_vae"
     path: str | None = None
     heads: int | None = None  # OpenCLIP only; None = from OPENCLIP_HEADS
     quick_gelu: bool = False  # OpenCLIP only: the tower's MLPs use QuickGELU (see clip_activation)
@@ -193,6 +200,8 @@ class ExtractorChoice:
         if self.kind == "openclip":
             activation = "QuickGELU" if self.quick_gelu else "GELU"
             return f"OpenCLIP image tower ({Path(self.path).name}, {activation}: {self.activation_source})"
+        if self.kind == "model_vae":
+            return f"substitute: the model's own VAE encoder (latent means pooled to {LATENT_GRID}×{LATENT_GRID})"
         return "substitute: the model's own CLIP tower"
 
 
@@ -204,12 +213,15 @@ def choose_fid_extractor(name: str, inception_weights: str | None) -> ExtractorC
                 "FID needs the FID Inception-v3 weights, a local state_dict file (published as "
                 "pt_inception-2015-12-05-6726825d.pth): pass --inception-weights PATH; or ask for "
                 "--fid-extractor substitute:clip to use the model's own CLIP tower instead, reported as "
-                "'FID (substitute: model CLIP tower)' and not comparable with published FID")
+                "'FID (substitute: model CLIP tower)' and not comparable with published FID (substitute:vae: "
+                "its VAE encoder, for a model whose CLIP tower is untrained)")
         if not Path(inception_weights).is_file():
             raise FileNotFoundError(f"Inception weights not found: {inception_weights}")
         return ExtractorChoice("inception", str(inception_weights))
     if name == "substitute:clip":
         return ExtractorChoice("model_clip")
+    if name == "substitute:vae":
+        return ExtractorChoice("model_vae")
     raise ValueError(f"unknown FID extractor {name!r}; expected one of {FID_EXTRACTORS}")
 
 
@@ -236,6 +248,8 @@ def fid_metric_name(choice: ExtractorChoice) -> tuple[str, str]:
     """(metrics key, table label): plain "FID" only for the standard Inception."""
     if choice.kind == "inception":
         return "fid", "FID"
+    if choice.kind == "model_vae":
+        return "fid_substitute_model_vae", "FID (substitute: model VAE encoder)"
     return "fid_substitute_model_clip", "FID (substitute: model CLIP tower)"
 
 
@@ -352,8 +366,26 @@ class ImageEmbedder(nn.Module):
         return tokens[:, 0].float()  # after ln_post and the projection: OpenCLIP's image embedding
 
 
-def build_extractor(choice: ExtractorChoice, model=None, device=None) -> ImageEmbedder:
-    """The network for ``choice``; ``model`` (a Colorizer) supplies its own CLIP tower for substitutes."""
+class LatentEmbedder(nn.Module):
+    """uint8 images (B, 3, H, W) → (B, C·g²) features: the VAE posterior's mean latents, each channel averaged
+    over a g×g grid (:data:`LATENT_GRID`). Pooling keeps where the colors are and drops the texture a
+    handful of samples could not estimate; any image size works."""
+
+    def __init__(self, vae: nn.Module, grid: int = LATENT_GRID):
+        super().__init__()
+        self.vae = vae
+        self.grid = grid
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        parameter = next(self.vae.parameters())
+        pixels = images.to(parameter.device).float().div(127.5).sub(1).to(parameter.dtype)  # the VAE's [-1, 1]
+        means = self.vae.encode(pixels).latent_dist.mean
+        return F.adaptive_avg_pool2d(means.float(), self.grid).flatten(1)
+
+
+def build_extractor(choice: ExtractorChoice, model=None, device=None) -> nn.Module:
+    """The network for ``choice``; ``model`` (a Colorizer) supplies its own CLIP tower or VAE for substitutes."""
     if choice.kind == "inception":
         from pipelines.evaluation.inception import load_fid_inception
 
@@ -365,10 +397,11 @@ def build_extractor(choice: ExtractorChoice, model=None, device=None) -> ImageEm
         if choice.quick_gelu:
             use_quick_gelu(encoder.visual)
         return ImageEmbedder(encoder.eval().to(device), is_clip=True)
-    if choice.kind == "model_clip":
+    if choice.kind in ("model_clip", "model_vae"):
         if model is None:
-            raise ValueError("the model's own CLIP tower was asked for, but no model was given")
-        return ImageEmbedder(model.clip, is_clip=True)
+            raise ValueError(f"the model's own {choice.kind.removeprefix('model_').upper()} was asked for, but no "
+                             f"model was given")
+        return ImageEmbedder(model.clip, is_clip=True) if choice.kind == "model_clip" else LatentEmbedder(model.vae)
     raise ValueError(f"unknown extractor kind {choice.kind!r}")
 
 

@@ -69,7 +69,7 @@ class EvaluationConfig:
     steps: int | None = None  # None = the model's default
     size: tuple[int, int] | None = None  # output (width, height); None = each row's bucket size
     sketch_extractor: str | None = None  # which stored sketch variant; None = a random one per row
-    fid_extractor: str = "inception"  # or "substitute:clip"
+    fid_extractor: str = "inception"  # or "substitute:clip", "substitute:vae" (metrics.FID_EXTRACTORS)
     inception_weights: str | None = None
     clip_extractor: str = "openclip"  # or "substitute:model"
     clip_weights: str | None = None
