@@ -317,10 +317,11 @@ def build_parser():
     parser.add_argument("--train-steps", type=int, default=40, help="stage-1 steps (stage 2 runs a quarter)")
     parser.add_argument("--eval-samples", type=int, default=8)
     parser.add_argument("--port", type=int, default=8000, help="the Serve HTTP port (loopback only)")
-    parser.add_argument("--no-serve", action="store_true",
-                        help="stop after the evaluation: no Serve app, no HTTP request (a headless check, a busy port)")
-    parser.add_argument("--keep-serving", action="store_true",
-                        help="leave the app up at the end (open http://127.0.0.1:PORT/ for the artists' page)")
+    serving = parser.add_mutually_exclusive_group()
+    serving.add_argument("--no-serve", action="store_true",
+                         help="stop after the evaluation: no Serve app, no HTTP request (a headless check, a busy port)")
+    serving.add_argument("--keep-serving", action="store_true",
+                         help="leave the app up at the end (open http://127.0.0.1:PORT/ for the artists' page)")
     return parser
 
 
