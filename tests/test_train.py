@@ -150,7 +150,7 @@ def plugin_tensors(model) -> dict:
 def test_plugin_stage_trains_only_the_published_set_from_a_model_with_or_without_a_plugin(data):
     """Stage 2 through the trainer (2 workers, ZeRO-2): from a folder without plugin/ it attaches the
     published plug-in (rank 4) and trains the ReferenceNet and the background LoRA; everything else leaves
-    bit-identical; a folder that has plugin/ (here that export) trains its plug-in further."""
+    bit-identical; a folder that has plugin/ (here that export) trains its plug-in further (1 worker)."""
     import torch
 
     from model.colorizer import Colorizer
@@ -160,7 +160,9 @@ def test_plugin_stage_trains_only_the_published_set_from_a_model_with_or_without
     first, second = data / "plugin-a", data / "plugin-b"
     common = ("--stage", "plugin", "--train-steps", "2", "--checkpoint-every", "2", "--mlflow-uri", uri)
     train(data, *common, "--run-name", "tiny-plugin-a", "--out", str(first))
-    train(data, *common, "--run-name", "tiny-plugin-b", "--model", str(first), "--out", str(second))
+    # the second on one worker (the later flags win): what it checks is the plug-in a folder already has
+    train(data, *common, "--run-name", "tiny-plugin-b", "--model", str(first), "--out", str(second),
+          "--workers", "1", "--cpus-per-worker", "1")
 
     base, started = Colorizer.from_pretrained(data / "base"), Colorizer.from_pretrained(data / "base")
     attach_plugin(started, PluginConfig(lora_rank=4))  # what stage 2 starts from
