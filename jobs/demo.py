@@ -261,6 +261,7 @@ def proof(untrained: dict, trained: dict, losses: dict[str, tuple[float, float]]
     checks = []
     for label, prefix, better, margin in CLAIMS:
         key = next(k for k in trained if k.startswith(prefix))
+        label = label if key == prefix else f"{label} (substitute)"  # e.g. fid_substitute_model_vae
         change = trained[key] - untrained[key]
         holds = change >= margin if better == "higher" else change < -margin
         claim = (f"+{margin:g} or more" if better == "higher" else f"-{margin:g} or less") if margin else better

@@ -26,12 +26,12 @@ def test_each_claim_is_checked_against_its_margin_and_direction():
     trained = {"fid_substitute_model_clip": 2.0, "psnr": 15.5, "ms_ssim": 0.30, "clip_substitute_model": 0.95}
     result = proof(untrained, trained, {"stage 1": (0.40, 0.30)})
     assert result["all_hold"] and [c["label"].split(",")[0] for c in result["checks"]] == [
-        "PSNR", "MS-SSIM", "FID", "held-out diffusion loss"]
+        "PSNR", "MS-SSIM", "FID (substitute)", "held-out diffusion loss"]
     assert "| PSNR, untrained → demo model | 9.0000 | 15.5000 | +6.5000 | +6 or more | yes |" in proof_table(result)
 
     short = proof(untrained, trained | {"psnr": 14.9, "fid_substitute_model_clip": 3.0}, {"stage 2": (0.5, 0.5)})
     failed = {c["label"].split(",")[0] for c in short["checks"] if not c["holds"]}
-    assert not short["all_hold"] and failed == {"PSNR", "FID", "held-out diffusion loss"}  # 5.9 dB; FID equal; loss equal
+    assert not short["all_hold"] and failed == {"PSNR", "FID (substitute)", "held-out diffusion loss"}  # 5.9 dB; FID equal; loss equal
 
 
 def run_demo(out: Path, port: int, *extra: str) -> tuple[dict, str]:

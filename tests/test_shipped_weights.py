@@ -56,7 +56,7 @@ def test_init_model_starts_from_the_shipped_weights_unless_asked_for_random_init
     assert not torch.equal(random.vae.state_dict()["decoder.conv_out.weight"], vae["decoder.conv_out.weight"].float())
 
 
-def test_the_shipped_colorizer_has_a_lower_held_out_loss_than_a_random_one(tiny_dataset, tmp_path):
+def test_the_shipped_colorizer_has_under_a_quarter_of_a_random_ones_held_out_loss(tiny_dataset, tmp_path):
     """tiny_dataset's base folder is built by ``init_model`` (so from the shipped weights) and its rows are
     synthetic pictures of a seed the shipped colorizer never trained on; both models read the same cached
     latents, rows and noise."""
@@ -67,4 +67,6 @@ def test_the_shipped_colorizer_has_a_lower_held_out_loss_than_a_random_one(tiny_
     dataset = str(tiny_dataset / "dataset")
     shipped_loss = heldout_diffusion_loss(str(tiny_dataset / "base"), dataset, samples=12, device="cpu")
     random_loss = heldout_diffusion_loss(str(random), dataset, samples=12, device="cpu")
-    assert shipped_loss < 0.9 * random_loss, (shipped_loss, random_loss)
+    # measured 0.153 against 1.251 (8,500 pretraining steps); the 2,500-step colorizer before it reached about
+    # a sixth, the first one (on a gray VAE) about a third: a quarter fails a colorizer that barely trained
+    assert shipped_loss < 0.25 * random_loss, (shipped_loss, random_loss)
