@@ -7,8 +7,9 @@ each the same way, and print one table with the spatial-entanglement measures.
         --inception-weights /mnt/weights/pt_inception-2015-12-05-6726825d.pth \\
         --clip-weights /mnt/weights/open_clip_pytorch_model.bin --mlflow-uri http://mlflow:5000
     python jobs/ablate.py --model outputs/demo/base --data outputs/demo/dataset --out outputs/ablation \\
-        --train-steps 40 --plugin-train-steps 10 --workers 2 --cpus-per-worker 0.5 --batch-size 2 --samples 8 \\
-        --steps 4 --fid-extractor substitute:vae --clip-extractor substitute:model --seeds 0 1 2    # tiny, local Ray
+        --train-steps 120 --plugin-train-steps 30 --workers 1 --cpus-per-worker 1 --batch-size 8 --lr 3e-4 \\
+        --samples 8 --steps 8 --fid-extractor substitute:vae --clip-extractor substitute:model --seeds 0 1 2 \\
+        --local-eval                                                                 # tiny, local Ray
 
 With ``--seeds 0 1 2`` the whole ladder runs once per training seed, and the table says which differences
 between rungs exceed the seed noise. Rungs already exported under --out are not trained again (a killed
