@@ -14,7 +14,10 @@ Modes, all on the same model folder, inputs, sizes and steps (each request has i
   ``serve/http_server.py``, in front of :class:`serve.runtime.LocalBackend` (no Ray; the same batching as
   Serve's replica): the cost of HTTP, multipart parsing, image decode and PNG encode;
 * ``serve``: the Ray Serve app of ``serve/app.py`` on a local Ray (ingress + batching model replica): adds
-  the proxy and the Ray handle hop.
+  the proxy and the Ray handle hop, over ``--transport`` (``grpc``, the app's default, or ``ray``; see
+  ``bench/serve_transport.py`` for what each costs without a model). Afterwards the library is timed once more
+  while Ray and the app are up and idle (``"mode": "library_beside_idle_ray"``): on a small host Ray's own
+  processes slow the model itself, which this line separates from the cost of the request's path.
 
 Both served modes batch up to ``--max-batch-size`` requests (default: the highest concurrency, so that at
 that concurrency they can match the library's ``colorize_batch`` of as many items).
@@ -22,8 +25,12 @@ that concurrency they can match the library's ``colorize_batch`` of as many item
 Per mode and concurrency: latency p50/p99 (seconds, per request, client side) and throughput (requests/s
 over the whole run), plus ratios against the library in the same run: ``added_latency_ms`` (p50 minus the library's sequential p50),
 ``latency_ratio`` (p50 over the library's sequential p50) and ``throughput_ratio`` (over the library's
-batched throughput at the same concurrency). A last ``"summary": true`` line gives, per served mode, the
-latency added at concurrency 1 and the throughput ratio at the highest concurrency, against the goals
+batched throughput at the same concurrency). At concurrency 1 each request is also paired with a library call
+on the same inputs just before or after it: ``paired_added_ms``, the median of the pairs' differences, is what
+the request's path adds under the same conditions (Ray running, the host's speed at that minute), where
+``added_latency_ms`` also counts what a running Ray costs the model on a small host and drift between passes.
+A last ``"summary": true`` line gives, per served mode, both at concurrency 1 and the throughput ratio at
+the highest concurrency, against the goals
 (at most 30 ms; at least 0.9). The library is measured before and after the served modes and the better pass is the
 baseline, so drifting load on a shared machine can only make serving look worse. Lines with ``"raw": true``
 are printed as each served run ends; the final lines carry the ratios. The load generator runs in this process with one thread per concurrent client; on a
@@ -105,8 +112,12 @@ def run_library(model, sketch, reference, args, concurrency: int, first_seed: in
 
 # ---------------------------------------------------------------------------------------- HTTP load
 def load(url: str, files: dict, fields: dict, requests_total: int, concurrency: int, first_seed: int,
-         warmed=None) -> dict:
-    """``requests_total`` POSTs from ``concurrency`` client threads; every answer must be a 200 PNG."""
+         warmed=None, paired=None) -> dict:
+    """``requests_total`` POSTs from ``concurrency`` client threads; every answer must be a 200 PNG.
+
+    ``paired`` (concurrency 1 only): a callable timing the library on the same request; each POST is then
+    paired with one library call right before or after it (alternating), and ``paired_added_ms`` is the
+    median of the pairs' differences, which a host whose speed drifts over minutes affects alike."""
     session_of = threading.local()
 
     def one(i: int) -> float:
@@ -119,10 +130,23 @@ def load(url: str, files: dict, fields: dict, requests_total: int, concurrency: 
             raise RuntimeError(f"request {i}: HTTP {response.status_code}: {response.text[:200]}")
         return elapsed
 
-    for i in range(concurrency):  # warm-up: one round at this concurrency
-        one(i)
+    with ThreadPoolExecutor(concurrency) as pool:  # warm-up: one round at this concurrency, concurrently, so
+        list(pool.map(one, range(concurrency)))  # that the server's batcher has seen the load before the clock
     if warmed is not None:
         warmed()
+    if paired is not None and concurrency == 1:
+        latencies, differences = [], []
+        for i in range(requests_total):
+            if i % 2:
+                library = paired(first_seed + i)
+                latencies.append(one(i))
+            else:
+                latencies.append(one(i))
+                library = paired(first_seed + i)
+            differences.append(latencies[-1] - library)
+        return {"p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 99),
+                "throughput_rps": requests_total / sum(latencies),
+                "paired_added_ms": statistics.median(differences) * 1000}
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = list(pool.map(one, range(requests_total)))
@@ -176,12 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of each model holder")
     parser.add_argument("--max-batch-size", type=int, help="the served modes' batch size (default: max concurrency)")
+    parser.add_argument("--transport", choices=["grpc", "ray"], default="grpc",
+                        help="serve mode: how the proxy reaches the ingress and the ingress the model (serve/transport.py)")
     args = parser.parse_args(argv)
     args.max_batch_size = args.max_batch_size or max(args.concurrency)
 
     import torch
 
     from model.colorizer import Colorizer
+    from model.options import ColorizeOptions
     from pipelines.data.synthetic import synthetic_illustration
 
     torch.set_num_threads(args.threads)
@@ -198,13 +225,23 @@ def main(argv: list[str] | None = None) -> int:
     fields = {"steps": str(args.steps), "width": str(args.size[0]), "height": str(args.size[1]),
               "reference_guidance": str(args.reference_guidance), "sketch_guidance": str(args.sketch_guidance)}
     setting = {"model": folder, "size": list(args.size), "steps": args.steps, "requests": args.requests,
-               "device": args.device, "dtype": args.dtype, "cpus": os.cpu_count(), "max_batch_size": args.max_batch_size}
+               "device": args.device, "dtype": args.dtype, "cpus": os.cpu_count(), "max_batch_size": args.max_batch_size,
+               "transport": args.transport}
     emit({"bench": "serve", "setting": setting})
 
     model = Colorizer.from_pretrained(folder, device=args.device, dtype=getattr(torch, args.dtype))
     library = {c: run_library(model, sketch, reference, args, c, first_seed=1000) for c in args.concurrency}
 
     served: list[tuple[str, int, dict]] = []
+    options = ColorizeOptions(size=args.size, steps=args.steps, reference_guidance=args.reference_guidance,
+                              sketch_guidance=args.sketch_guidance)
+
+    def library_once(seed: int) -> float:
+        started = time.perf_counter()
+        model.colorize(sketch, reference, options, seed=seed)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
 
     def measure(mode: str, port: int, first_seed: int, stats=None) -> None:
         """Every concurrency level against the server on ``port``, once it answers (``stats``: the model's
@@ -214,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency in args.concurrency:
             before = {}
             measured = load(url + "/v1/colorize", files, fields, args.requests, concurrency, first_seed,
-                            warmed=(lambda: before.update(stats())) if stats else None)
+                            warmed=(lambda: before.update(stats())) if stats else None, paired=library_once)
             served.append((mode, concurrency, measured))
             extra = {}
             if stats:
@@ -241,9 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         from ray import serve
 
         from serve.app import build_app
+        from serve.transport import PROXY_GRPC_ENV, use_grpc_proxies
 
         port = free_port()
         gpu = args.device.startswith("cuda")
+        if args.transport == "grpc":
+            use_grpc_proxies()
+        else:
+            for name in PROXY_GRPC_ENV:
+                os.environ[name] = "0"
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -251,9 +294,15 @@ def main(argv: list[str] | None = None) -> int:
                                  "num_cpus": args.threads, "num_gpus": 1 if gpu else 0,
                                  "max_batch_size": args.max_batch_size,
                                  "max_ongoing_requests": max(16, 2 * args.max_batch_size),
-                                 "max_queued_requests": -1}), name="bench", route_prefix="/")
+                                 "max_queued_requests": -1, "model_transport": args.transport}),
+                      name="bench", route_prefix="/")
             model_handle = serve.get_deployment_handle("ColorizerModel", app_name="bench")
             measure("serve", port, 3000, stats=lambda: model_handle.stats.remote().result())
+            # The library once more while Ray and the app are up and idle: on a small host Ray's own processes
+            # slow the model down (a diagnostic beside the goals, which compare with the library without Ray).
+            beside = run_library(model, sketch, reference, args, min(args.concurrency), first_seed=1000)
+            emit({"bench": "serve", "mode": "library_beside_idle_ray", "concurrency": min(args.concurrency),
+                  **{k: round(v, 4) for k, v in beside.items()}})
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -279,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
               "latency_ratio": round(measured["p50_s"] / sequential_p50, 3), "throughput_ratio": round(ratio, 3)})
         if concurrency == 1:
             summary[f"{mode}_added_latency_ms_at_1"] = round(added_ms, 1)
+            summary[f"{mode}_paired_added_ms_at_1"] = round(measured["paired_added_ms"], 1)
         if concurrency == max(args.concurrency):
             summary[f"{mode}_throughput_ratio_at_{concurrency}"] = round(ratio, 3)
     emit(summary)

@@ -58,6 +58,7 @@ from pipelines.evaluation.ray_runner import ray_runner  # noqa: E402
 from pipelines.training.loop import TrainConfig  # noqa: E402
 from pipelines.training.trainer import WorkerResources, make_trainer  # noqa: E402
 from pipelines.training.tracking import DEFAULT_EXPERIMENT, STAGE_TAG, training_run_filter  # noqa: E402
+from serve.transport import use_grpc_proxies  # noqa: E402
 
 RUN_NAME = "demo"
 WORKERS = WorkerResources(workers=2, cpus_per_worker=0.5)  # two ZeRO-2 ranks on the laptop's two cores
@@ -198,6 +199,7 @@ class LocalRay:
         # Ray Data's per-operator progress (from the training data splitters too) would bury the demo's own
         # lines; the dashboard is on because Ray Train's cleaner polls the state API it serves.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # for processes started from here on
+        use_grpc_proxies()  # the serve step's proxy reaches the app over gRPC (serve/transport.py)
         ray.data.DataContext.get_current().enable_progress_bars = False  # this one imported Ray Data already
         self.context = ray.init(address="local", num_cpus=2, include_dashboard=True, log_to_driver=True)
         print(f"[demo] local Ray up; its dashboard: http://{self.context.dashboard_url}", flush=True)

@@ -28,7 +28,9 @@ Arguments (``build_app(args)``; each also read from the environment as ``COLORIZ
 ``max_body_bytes``, ``max_input_pixels``, ``max_header_bytes``, ``max_decode_bytes``, ``max_concurrent_decodes``,
 ``max_sketch_aspect`` (the API's input limits, :class:`serve.api.Settings`), ``api_token`` (``COLORIZE_API_TOKEN``;
 unset = no auth), ``allow_unauthenticated``, ``host``, ``ingress_replicas``, ``ingress_num_cpus``,
-``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``, and the background modes'
+``ingress_memory_budget_mib``, ``ingress_max_ongoing_requests``, ``retry_after_s``, ``model_transport``
+(``grpc``, the default: the ingress calls the model over Serve's direct gRPC channel; ``ray``: through Ray
+actor calls, Serve's default), and the background modes'
 mask models: ``reference_masker`` (``rmbg-2.0``, ``birefnet``, ``birefnet-hr`` or ``isnet``) with
 ``reference_masker_weights``, and ``sketch_masker_weights`` (ISNet-sketch); local files in their published
 layouts, the weight-free masks when unset; and :mod:`model.acceleration`'s switches ``compile``
@@ -67,6 +69,7 @@ from serve.api import (DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONCURRENT_DECODES, D
 from serve.errors import DEFAULT_RETRY_AFTER_S, ApiError, Overloaded
 from serve.http_server import MAX_HEADER_BYTES, SERVE_CONTROL_HEADERS, HeaderGuard, is_loopback
 from serve.runtime import FAILED, FAILED_MESSAGE, Batcher, ModelRunner, model_thread, raise_for_error
+from serve.transport import model_handle
 
 log = logging.getLogger("colorize_xl.serve")
 
@@ -122,6 +125,9 @@ class AppOptions(BaseModel):
     ingress_memory_budget_mib: int = Field(DEFAULT_INGRESS_MEMORY_BUDGET_MIB, ge=1)
     ingress_max_ongoing_requests: int | None = Field(None, ge=1)  # None = from the memory budget
     retry_after_s: float = Field(DEFAULT_RETRY_AFTER_S, gt=0)
+    # how the ingress sends a request to the model replica (serve/transport.py): "grpc", Serve's direct
+    # channel to the replica; "ray", a Ray actor call through the object store (Serve's default)
+    model_transport: Literal["grpc", "ray"] = "grpc"
     reference_masker: Literal["rmbg-2.0", "birefnet", "birefnet-hr", "isnet"] = "rmbg-2.0"  # what the weights are
     reference_masker_weights: str | None = None  # None = the weight-free reference mask
     sketch_masker_weights: str | None = None  # ISNet-sketch (sketch-segment.safetensors); None = weight-free
@@ -351,8 +357,9 @@ class ColorizeIngress:
     """
 
     def __init__(self, model: DeploymentHandle, folder: str, settings: dict,
-                 retry_after_s: float = DEFAULT_RETRY_AFTER_S, max_header_bytes: int = MAX_HEADER_BYTES):
-        self.backend = _HandleBackend(model, read_model_info(folder), retry_after_s)
+                 retry_after_s: float = DEFAULT_RETRY_AFTER_S, max_header_bytes: int = MAX_HEADER_BYTES,
+                 model_transport: str = "grpc"):
+        self.backend = _HandleBackend(model_handle(model, model_transport), read_model_info(folder), retry_after_s)
         self.settings = Settings(**settings)
         self.max_header_bytes = max_header_bytes
 
@@ -391,4 +398,4 @@ def build_app(args: dict[str, Any] | None = None):
         num_replicas=options.ingress_replicas,
         ray_actor_options={"num_cpus": options.ingress_num_cpus, "runtime_env": {"env_vars": INGRESS_REPLICA_ENV}},
         max_ongoing_requests=options.ingress_concurrency(),
-    ).bind(model, folder, settings, options.retry_after_s, options.max_header_bytes)
+    ).bind(model, folder, settings, options.retry_after_s, options.max_header_bytes, options.model_transport)

@@ -571,6 +571,10 @@ def test_dockerfile_starts_from_ray_cuda_image_and_copies_no_code():
     assert copies == ["requirements.txt /tmp/colorize-xl/requirements.txt"], "the image must not hold the code"
     env = " ".join(arg for op, arg in instructions if op == "ENV")
     assert re.search(r"\bTORCH_CUDA_ARCH_LIST=9\.0(\s|$)", env), "DeepSpeed's op builder needs 9.0, not 9.0a"
+    from serve.transport import PROXY_GRPC_ENV
+
+    for name, value in PROXY_GRPC_ENV.items():  # every node's Ray (and so its Serve proxy) starts with it
+        assert re.search(rf"\b{name}={value}(\s|$)", env), f"the image must set {name}={value}"
     run = " ".join(arg for op, arg in instructions if op == "RUN")
     assert "pip install -r /tmp/colorize-xl/requirements.txt" in run
     pins = pinned_requirements()

@@ -72,7 +72,9 @@ def plugin_folder(model_folder):
 @pytest.fixture(scope="module")
 def server(model_folder, plugin_folder):
     from serve.app import build_app
+    from serve.transport import use_grpc_proxies
 
+    use_grpc_proxies()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.run(build_app({"model": str(model_folder), "num_cpus": 0.5, "max_batch_size": 4,

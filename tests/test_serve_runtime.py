@@ -399,8 +399,10 @@ def served(tiny_folder):
     from ray import serve
 
     from serve.app import build_app, serve_http_host
+    from serve.transport import use_grpc_proxies
 
     port = free_port()
+    use_grpc_proxies()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port, "keep_alive_timeout_s": 5})
@@ -486,3 +488,9 @@ def test_serve_caps_headers_and_batches_concurrent_requests(served):
     stats = model.stats.remote().result()
     assert stats["requests"] - before["requests"] == 4
     assert stats["batches"] - before["batches"] < 4  # some were batched together
+    # the ingress's way to the model (serve/transport.py), from here: the same counters over gRPC
+    from serve.transport import model_handle
+
+    assert model_handle(model, "grpc").stats.remote().result()["requests"] == stats["requests"]
+    with pytest.raises(ValueError, match="transport"):
+        model_handle(model, "http")
