@@ -23,7 +23,8 @@ Both served modes batch up to ``--max-batch-size`` requests (default: the highes
 that concurrency they can match the library's ``colorize_batch`` of as many items).
 
 Per mode and concurrency: latency p50/p99 (seconds, per request, client side) and throughput (requests/s
-over the whole run), plus ratios against the library in the same run: ``added_latency_ms`` (p50 minus the library's sequential p50),
+over the whole run; in serve mode also the model's mean batch and, above concurrency 1, ``model_busy``: the share
+of the run's wall time the model spent computing, from its counters), plus ratios against the library in the same run: ``added_latency_ms`` (p50 minus the library's sequential p50),
 ``latency_ratio`` (p50 over the library's sequential p50) and ``throughput_ratio`` (over the library's
 batched throughput at the same concurrency). At concurrency 1 each request is also paired with a library call
 on the same inputs just before or after it: ``paired_added_ms``, the median of the pairs' differences, is what
@@ -258,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                 after = stats()
                 runs = after["calls"] - before["calls"]
                 extra["mean_batch"] = round((after["requests"] - before["requests"]) / max(1, runs), 2)
+                if concurrency > 1:  # the share of the run the model computed (the rest: waiting for requests)
+                    wall_s = args.requests / measured["throughput_rps"]
+                    extra["model_busy"] = round((after["busy_ms"] - before["busy_ms"]) / 1000 / wall_s, 3)
             emit({"bench": "serve", "mode": mode, "concurrency": concurrency, "raw": True,
                   **{k: round(v, 4) for k, v in measured.items()}, **extra})
 

@@ -51,7 +51,6 @@ from pipelines.data.ray_stream import run_preprocess  # noqa: E402
 from pipelines.data.shards import PreprocessConfig  # noqa: E402
 from pipelines.data.synthetic import write_corpus  # noqa: E402
 from pipelines.evaluation.heldout import heldout_diffusion_loss  # noqa: E402
-from pipelines.evaluation.metrics import fid_metric_name  # noqa: E402
 from pipelines.evaluation.mlflow_report import log_to_mlflow  # noqa: E402
 from pipelines.evaluation.protocol import EvaluationConfig, evaluate  # noqa: E402
 from pipelines.evaluation.ray_runner import ray_runner  # noqa: E402
@@ -296,9 +295,10 @@ def evaluate_model(model: Path, dataset: Path, out: Path, samples: int, steps: i
     folder = out / name
     if (folder / "metrics.json").is_file() and (folder / "metrics.md").is_file():
         saved = json.loads((folder / "metrics.json").read_text())
-        fid_key, _ = fid_metric_name(config.choices()[0])
+        fid, clip = config.choices()
         if (saved["settings"]["setting"] == config.setting(steps) and saved["settings"]["model"] == str(model)
-                and fid_key in saved["metrics"]):  # an older demo's evaluation used another FID extractor
+                and saved.get("extractors") == {"fid": fid.label(), "clip": clip.label()}):  # not an older
+            # demo's evaluation made with other extractors (its numbers would not compare)
             return {"metrics": saved["metrics"], "table": (folder / "metrics.md").read_text(),
                     "files": str(folder), "run": saved.get("mlflow_run"), "note": "already measured, reused"}
     local_ray.up()

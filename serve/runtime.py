@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -87,6 +88,7 @@ class ModelRunner:
             "skipped": 0,  # requests cancelled before they ran
             "isolated": 0,  # failed groups retried one request at a time
             "failed": 0,  # requests answered with a 500 entry
+            "busy_ms": 0,  # wall time spent running batches (over a stretch of load: how idle the model was)
         }
 
     def _count(self, **amounts: int) -> None:
@@ -96,14 +98,18 @@ class ModelRunner:
 
     def run(self, batch: list[Pending]) -> list[dict | None]:
         """One result per request (``None`` for a request nobody waits for any more)."""
+        started = time.perf_counter()
         self._count(batches=1)
         groups: dict[Any, list[int]] = defaultdict(list)
         for index, pending in enumerate(batch):
             groups[pending.request.options].append(index)
         results: list[dict | None] = [None] * len(batch)
-        for indices in groups.values():
-            for index, result in zip(indices, self._run_group([batch[i] for i in indices])):
-                results[index] = result
+        try:
+            for indices in groups.values():
+                for index, result in zip(indices, self._run_group([batch[i] for i in indices])):
+                    results[index] = result
+        finally:
+            self._count(busy_ms=round((time.perf_counter() - started) * 1000))
         return results
 
     def _run_group(self, members: list[Pending]) -> list[dict | None]:

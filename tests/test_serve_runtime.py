@@ -114,6 +114,7 @@ def test_local_backend_cancel_stops_the_generation(tiny_model, tiny_folder):
     stats = backend.stats()
     assert stats["cancelled_runs"] == 1, stats
     assert 0 < stats["cancelled_steps"] < 100, stats
+    assert stats["busy_ms"] >= 200, stats  # the cancelled run went on for the 0.2 s before the cancel, at least
     assert image.shape == (96, 128, 3)
 
 
