@@ -82,23 +82,32 @@ def free_port() -> int:
 
 
 # ------------------------------------------------------------------------------------------- library
+def library_options(args):
+    from model.options import ColorizeOptions
+
+    return ColorizeOptions(size=args.size, steps=args.steps, reference_guidance=args.reference_guidance,
+                           sketch_guidance=args.sketch_guidance)
+
+
+def timed_colorize(model, sketch, reference, options, seed: int) -> float:
+    """Seconds of one ``colorize`` call (until the device is done)."""
+    import torch
+
+    started = time.perf_counter()
+    model.colorize(sketch, reference, options, seed=seed)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def run_library(model, sketch, reference, args, concurrency: int, first_seed: int) -> dict:
     """Sequential ``colorize`` latencies, and ``colorize_batch`` throughput at ``concurrency`` items."""
     import torch
 
-    from model.options import ColorizeOptions
-
-    options = ColorizeOptions(size=args.size, steps=args.steps, reference_guidance=args.reference_guidance,
-                              sketch_guidance=args.sketch_guidance)
+    options = library_options(args)
     for i in range(3):  # warm-up
         model.colorize(sketch, reference, options, seed=first_seed + i)
-    latencies = []
-    for i in range(args.requests):
-        started = time.perf_counter()
-        model.colorize(sketch, reference, options, seed=first_seed + i)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        latencies.append(time.perf_counter() - started)
+    latencies = [timed_colorize(model, sketch, reference, options, first_seed + i) for i in range(args.requests)]
     batches = max(1, args.requests // concurrency)
     started = time.perf_counter()
     for b in range(batches):
@@ -209,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from model.colorizer import Colorizer
-    from model.options import ColorizeOptions
     from pipelines.data.synthetic import synthetic_illustration
 
     torch.set_num_threads(args.threads)
@@ -234,15 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     library = {c: run_library(model, sketch, reference, args, c, first_seed=1000) for c in args.concurrency}
 
     served: list[tuple[str, int, dict]] = []
-    options = ColorizeOptions(size=args.size, steps=args.steps, reference_guidance=args.reference_guidance,
-                              sketch_guidance=args.sketch_guidance)
+    options = library_options(args)
 
     def library_once(seed: int) -> float:
-        started = time.perf_counter()
-        model.colorize(sketch, reference, options, seed=seed)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
+        return timed_colorize(model, sketch, reference, options, seed)
 
     def measure(mode: str, port: int, first_seed: int, stats=None) -> None:
         """Every concurrency level against the server on ``port``, once it answers (``stats``: the model's

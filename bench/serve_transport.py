@@ -26,9 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
+from bench.serve import emit, free_port  # noqa: E402
 
 
 def one_round(transport: str, requests_per_path: int) -> dict:
@@ -54,7 +52,6 @@ def _measure(transport: str, requests_per_path: int) -> None:
     from fastapi.responses import Response
     from ray import serve
 
-    from bench.serve import free_port
     from serve.app import INGRESS_REPLICA_ENV, MODEL_REPLICA_ENV
     from serve.transport import model_handle
 
