@@ -285,15 +285,12 @@ def main(argv: list[str] | None = None) -> int:
         from ray import serve
 
         from serve.app import build_app
-        from serve.transport import PROXY_GRPC_ENV, use_grpc_proxies
+        from serve.transport import PROXY_GRPC_ENV
 
         port = free_port()
         gpu = args.device.startswith("cuda")
-        if args.transport == "grpc":
-            use_grpc_proxies()
-        else:
-            for name in PROXY_GRPC_ENV:
-                os.environ[name] = "0"
+        for name, value in PROXY_GRPC_ENV.items():  # the proxy's transport, whatever the environment said
+            os.environ[name] = value if args.transport == "grpc" else "0"
         ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
